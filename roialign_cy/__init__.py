@@ -1,0 +1,22 @@
+"""RoIAlign operators (axis-aligned and rotated, forward and gradients) for numpy and CuPy.
+
+CPU kernels are Cython + OpenMP; GPU kernels are CUDA sources compiled at run time through CuPy.
+The backend follows the array type (numpy -> "cpu", cupy -> "cuda") unless ``backend=`` forces it.
+"""
+from ._api import roi_align, roi_align_backward, roi_align_rotated, roi_align_rotated_backward
+from ._backends import OPERATORS, devices_of, gradient_of
+from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "roi_align",
+    "roi_align_backward",
+    "roi_align_rotated",
+    "roi_align_rotated_backward",
+    "OPERATORS",
+    "gradient_of",
+    "devices_of",
+    "DEFAULT_MAX_SAMPLES_PER_BIN",
+    "__version__",
+]

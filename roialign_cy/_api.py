@@ -1,0 +1,289 @@
+"""The public operators: validate once, pick the backend, allocate, call the kernel."""
+import numpy as np
+
+from . import _backends
+from . import _validate as v
+from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, OpParams
+
+_WRT = ("features", "boxes", "both")
+
+
+def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio,
+             aligned, mode, layout, backend, n_threads, max_samples_per_bin, clockwise=False,
+             deterministic=True, extra_arrays=None, shape_only_dtype=None):
+    """Validate every argument; return (backend module, features or shape, rois, batch_idx, form,
+    OpParams)."""
+    rotated = op == "roi_align_rotated"
+    arrays = {"features": None if shape_only_dtype is not None else features, "boxes": boxes,
+              "batch_indices": batch_indices}
+    arrays.update(extra_arrays or {})
+    backend = _backends.select(op, arrays, backend)
+    layout = v.check_choice("layout", layout, v.LAYOUTS)
+    mode = v.check_choice("mode", mode, ("avg",) if rotated else v.MODES)
+    ph, pw = v.output_size(output_size)
+    scale = v.spatial_scale(spatial_scale)
+    sampling_ratio = v.check_int("sampling_ratio", sampling_ratio, minimum=-1)
+    aligned = v.check_flag("aligned", aligned)
+    clockwise = v.check_flag("clockwise", clockwise)
+    deterministic = v.check_flag("deterministic", deterministic)
+    n_threads = v.n_threads(n_threads)
+    max_samples_per_bin = v.max_samples(max_samples_per_bin)
+    if shape_only_dtype is not None:
+        shape = v.feature_shape(features, layout)
+        dtype = shape_only_dtype
+    else:
+        features = v.features(features, layout, backend)
+        shape, dtype = tuple(features.shape), features.dtype
+    n_images = shape[0]
+    # float16 features keep float32 boxes: half precision cannot place a box to the pixel
+    box_dtype = np.float32 if dtype == np.float16 else dtype
+    rois, batch_idx, form = v.boxes(boxes, n_images, batch_indices, 5 if rotated else 4,
+                                    box_dtype, backend)
+    p = OpParams(pooled_h=ph, pooled_w=pw, spatial_scale=scale, sampling_ratio=sampling_ratio,
+                 aligned=aligned, mode=mode, channels_last=layout == "NHWC", rotated=rotated,
+                 clockwise=clockwise, n_threads=n_threads, deterministic=deterministic)
+    v.sample_bound(max_samples_per_bin, *_grid_estimate(rois, p))
+    return _backends.module(backend), features, shape, rois, batch_idx, form, p
+
+
+def _grid_estimate(rois, p):
+    """Samples per bin along y and x of every box, in float64 (for the bound check only)."""
+    xp = v.xp_of("cuda") if not isinstance(rois, np.ndarray) else np
+    if p.sampling_ratio > 0:
+        k = rois.shape[0]
+        return np.full(k, p.sampling_ratio), np.full(k, p.sampling_ratio)
+    r = rois.astype(xp.float64)
+    if p.rotated:
+        h, w = r[:, 3] * p.spatial_scale, r[:, 2] * p.spatial_scale
+    else:
+        h, w = (r[:, 3] - r[:, 1]) * p.spatial_scale, (r[:, 2] - r[:, 0]) * p.spatial_scale
+    if not p.aligned:
+        h, w = xp.maximum(h, 1), xp.maximum(w, 1)
+    gh = xp.maximum(xp.ceil(h / p.pooled_h), 0)
+    gw = xp.maximum(xp.ceil(w / p.pooled_w), 0)
+    if xp is not np:
+        gh, gw = gh.get(), gw.get()
+    return gh, gw
+
+
+def _out_shape(shape, k, p):
+    if p.channels_last:
+        return (k, p.pooled_h, p.pooled_w, shape[3])
+    return (k, shape[1], p.pooled_h, p.pooled_w)
+
+
+def _check_out(out, shape, dtype, backend):
+    xp = v.xp_of(backend)
+    if not isinstance(out, xp.ndarray):
+        raise TypeError(f"out must be a {xp.__name__} array, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != dtype:
+        raise ValueError(f"out must have shape {shape} and dtype {dtype}, got {tuple(out.shape)} {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    return out
+
+
+def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
+             layout, batch_indices, backend, n_threads, out, max_samples_per_bin, clockwise=False):
+    be, features, shape, rois, batch_idx, form, p = _prepare(
+        op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
+        mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
+        extra_arrays={"out": out})
+    oshape = _out_shape(shape, rois.shape[0], p)
+    if out is None:
+        out = v.xp_of(_backend_name(be)).empty(oshape, features.dtype)
+    else:
+        out = _check_out(out, oshape, features.dtype, _backend_name(be))
+    be.forward(features, rois, batch_idx, out, p)
+    return out
+
+
+def _backend_name(module):
+    return "cuda" if module.__name__.endswith("_cuda") else "cpu"
+
+
+def _backward(op, grad_output, features, boxes, output_size, spatial_scale, sampling_ratio,
+              aligned, mode, layout, batch_indices, wrt, backend, n_threads, deterministic,
+              max_samples_per_bin, clockwise=False):
+    wrt = v.check_choice("wrt", wrt, _WRT)
+    shape_only = isinstance(features, (tuple, list)) and not _looks_like_array(features)
+    if shape_only and (wrt != "features" or mode != "avg"):
+        raise ValueError(
+            "features must be the feature array (not just its shape) for wrt='boxes'/'both' or "
+            f"mode={mode!r}: those gradients read the feature values"
+        )
+    if mode == "onnx_max":
+        raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "
+                         "gradient; use mode='max' (mmcv) for a differentiable max")
+    be, features, shape, rois, batch_idx, form, p = _prepare(
+        op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
+        mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
+        deterministic=deterministic, extra_arrays={"grad_output": grad_output},
+        shape_only_dtype=_grad_dtype(grad_output, backend) if shape_only else None)
+    name = _backend_name(be)
+    xp = v.xp_of(name)
+    dtype = np.dtype(grad_output.dtype) if shape_only else features.dtype
+    oshape = _out_shape(shape, rois.shape[0], p)
+    if tuple(grad_output.shape) != oshape:
+        raise ValueError(f"grad_output must have shape {oshape}, got {tuple(grad_output.shape)}")
+    if grad_output.dtype != dtype:
+        raise TypeError(f"grad_output must have dtype {dtype} (the features' dtype), got {grad_output.dtype}")
+    grad_output = xp.ascontiguousarray(grad_output)
+    grad_features = grad_boxes = None
+    if wrt in ("features", "both"):
+        grad_features = xp.zeros(shape, dtype)
+        be.backward_features(grad_output, None if shape_only else features, rois, batch_idx,
+                             grad_features, p)
+    if wrt in ("boxes", "both"):
+        grad_rois = xp.zeros(rois.shape, rois.dtype)
+        be.backward_boxes(grad_output, features, rois, batch_idx, grad_rois, p)
+        grad_boxes = _box_grad_like(grad_rois, boxes, batch_idx, form, xp)
+    if wrt == "features":
+        return grad_features
+    if wrt == "boxes":
+        return grad_boxes
+    return grad_features, grad_boxes
+
+
+def _grad_dtype(grad_output, backend):
+    dtype = getattr(grad_output, "dtype", None)
+    allowed = v.FLOAT_DTYPES["cuda" if backend == "cuda" else "cpu"]
+    if dtype is None or np.dtype(dtype).name not in allowed:
+        raise TypeError(f"grad_output must be a float array ({', '.join(allowed)}), got "
+                        f"{type(grad_output).__name__} of dtype {dtype}")
+    return np.dtype(dtype)
+
+
+def _looks_like_array(x):
+    try:
+        return np.asarray(x).ndim != 1
+    except Exception:
+        return True
+
+
+def _box_grad_like(grad_rois, boxes, batch_idx, form, xp):
+    """Give the box gradient the form the boxes came in (batch column zero, list split back)."""
+    if form == "onnx":
+        return grad_rois
+    if form == "batched":
+        return xp.concatenate([xp.zeros((grad_rois.shape[0], 1), grad_rois.dtype), grad_rois], axis=1)
+    sizes = np.cumsum([len(b) for b in boxes])[:-1]
+    return list(xp.split(grad_rois, sizes.tolist())) if len(boxes) else []
+
+
+def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
+              *, mode="avg", layout="NCHW", batch_indices=None, backend="auto", n_threads=None,
+              out=None, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+    """RoIAlign: pool each box of a feature map into a fixed grid by bilinear sampling.
+
+    Parameters
+    ----------
+    features : array (N, C, H, W), or (N, H, W, C) with layout="NHWC"
+        float32 or float64 (float16 too on the GPU). numpy -> CPU kernels, cupy -> CUDA kernels.
+        Any strides are accepted (a contiguous copy is made when needed).
+    boxes : array or list of arrays
+        Boxes in input-image coordinates (x1, y1, x2, y2), in one of three forms: (K, 5)
+        [batch_index, x1, y1, x2, y2] (torchvision/Caffe2); (K, 4) with ``batch_indices`` (ONNX),
+        or (K, 4) alone when N == 1; a list of per-image (L_i, 4) arrays (the list position is the
+        batch index).
+    output_size : int or (int, int)
+        (PH, PW) bins per box.
+    spatial_scale : float
+        Factor from box coordinates to feature-map coordinates (e.g. 0.25 for stride 4).
+    sampling_ratio : int
+        Samples per bin along each axis; <= 0 means adaptive, ceil(roi_size / output_size).
+    aligned : bool
+        True: shift boxes by -0.5 pixel (half-pixel centres; detectron2, ONNX "half_pixel").
+        False (torchvision's default): no shift, and boxes smaller than one pixel grow to 1 pixel.
+    mode : "avg" | "max" | "onnx_max"
+        "max": the largest bilinear sample of each bin (mmcv). "onnx_max": onnxruntime's variant,
+        the largest of the four *weighted taps* over samples; for ONNX parity only.
+    layout : "NCHW" | "NHWC"
+    batch_indices : int array (K,), optional
+        ONNX form: the image of each box when ``boxes`` is (K, 4).
+    backend : "auto" | "cpu" | "cuda"
+        "auto" follows the array type; a backend that cannot read the arrays raises TypeError.
+    n_threads : int, optional
+        CPU threads (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores). Results are
+        bit-identical for any value.
+    out : array, optional
+        Preallocated C-contiguous output of the right shape and dtype.
+    max_samples_per_bin : int
+        Refuse calls whose grid has more samples per bin than this (guards against adaptive
+        sampling of huge boxes running for hours); raise it if you really need more.
+
+    Returns
+    -------
+    array (K, C, PH, PW), or (K, PH, PW, C) for NHWC, of the features' dtype. Samples outside
+    [-1, H] x [-1, W] count as 0; an empty sampling grid gives 0.
+    """
+    return _forward("roi_align", features, boxes, output_size, spatial_scale, sampling_ratio,
+                    aligned, mode, layout, batch_indices, backend, n_threads, out,
+                    max_samples_per_bin)
+
+
+def roi_align_backward(grad_output, features, boxes, output_size, spatial_scale=1.0,
+                       sampling_ratio=-1, aligned=False, *, mode="avg", layout="NCHW",
+                       batch_indices=None, wrt="features", backend="auto", n_threads=None,
+                       deterministic=True, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+    """Gradient of :func:`roi_align` (same arguments), given ``grad_output`` = dL/d(output).
+
+    ``features`` is the feature array, or only its shape when just the feature gradient in avg
+    mode is wanted (that gradient does not read feature values).
+
+    wrt : "features" | "boxes" | "both"
+        "features": dL/d(features), shaped like the features. Each sample sends
+        grad * weight / count to its 4 taps (max mode: only the arg-max sample, first on ties).
+        Computed in parallel and deterministically: bit-identical for any thread count.
+        "boxes": dL/d(boxes), shaped like ``boxes`` (the batch-index column is 0; a list of
+        boxes gives a list). The exact derivative of the forward through spatial_scale, the
+        aligned offset, the bin sizes and the bilinear weights, with these conventions: a sample
+        coordinate clamped to the image edge (below 0, or past H-1 / W-1) has zero derivative;
+        samples outside the image contribute nothing; a roi size raised to 1 (aligned=False) does
+        not depend on the far corner; the adaptive grid size is held constant (the function is
+        piecewise smooth and the derivative is that of the piece the boxes are in).
+        "both": (grad_features, grad_boxes).
+    deterministic : bool
+        GPU only: False allows a faster atomic scatter for the feature gradient.
+    """
+    return _backward("roi_align", grad_output, features, boxes, output_size, spatial_scale,
+                     sampling_ratio, aligned, mode, layout, batch_indices, wrt, backend,
+                     n_threads, deterministic, max_samples_per_bin)
+
+
+def roi_align_rotated(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                      aligned=True, *, clockwise=False, layout="NCHW", batch_indices=None,
+                      backend="auto", n_threads=None, out=None,
+                      max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+    """RoIAlign over rotated boxes (detectron2 ``ROIAlignRotated``, Caffe2 ``RoIAlignRotated``).
+
+    boxes : (K, 6) [batch_index, cx, cy, w, h, angle_degrees], or (K, 5) with ``batch_indices``,
+        or a list of per-image (L_i, 5) arrays. Angles are counter-clockwise in degrees (detectron2,
+        Caffe2); ``clockwise=True`` follows mmcv's clockwise option (the angle is negated). A
+        sample at offset (xx, yy) from the box centre in the box frame lands at
+        y = yy cos(t) - xx sin(t) + cy, x = yy sin(t) + xx cos(t) + cx.
+    aligned : bool
+        True (default, detectron2): centre shifted by -0.5 pixel. False (Caffe2/mmcv legacy): no
+        shift, and w, h raised to at least 1 pixel.
+
+    Other arguments and the output are as in :func:`roi_align` (average pooling).
+    """
+    return _forward("roi_align_rotated", features, boxes, output_size, spatial_scale,
+                    sampling_ratio, aligned, "avg", layout, batch_indices, backend, n_threads, out,
+                    max_samples_per_bin, clockwise=clockwise)
+
+
+def roi_align_rotated_backward(grad_output, features, boxes, output_size, spatial_scale=1.0,
+                               sampling_ratio=-1, aligned=True, *, clockwise=False,
+                               layout="NCHW", batch_indices=None, wrt="features",
+                               backend="auto", n_threads=None, deterministic=True,
+                               max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+    """Gradient of :func:`roi_align_rotated`, as :func:`roi_align_backward`.
+
+    The box gradient is with respect to (cx, cy, w, h, angle_degrees), per degree; w and h have
+    zero derivative where aligned=False raised them to 1; the conventions of
+    :func:`roi_align_backward` apply otherwise.
+    """
+    return _backward("roi_align_rotated", grad_output, features, boxes, output_size,
+                     spatial_scale, sampling_ratio, aligned, "avg", layout, batch_indices, wrt,
+                     backend, n_threads, deterministic, max_samples_per_bin, clockwise=clockwise)

@@ -1,0 +1,42 @@
+# NCHW kernels work on blocks of LANES planes copied to channels-last scratch, so that the inner
+# loops run over contiguous channels (vector code) as in the NHWC kernels.
+from cython cimport floating
+
+cdef enum:
+    LANES = 16
+
+
+cdef inline void interleave_planes(const floating* planes, Py_ssize_t plane_size, Py_ssize_t n_planes,
+                            floating* block) noexcept nogil:
+    """block[i * LANES + c] = planes[c * plane_size + i]; lanes past n_planes are zero. Done in
+    runs of pixels so that reads and writes both stay in L1."""
+    cdef Py_ssize_t i0, i1, i, c
+    cdef const floating* src
+    for i0 in range(0, plane_size, 512):
+        i1 = i0 + 512 if i0 + 512 < plane_size else plane_size
+        for c in range(LANES):
+            if c < n_planes:
+                src = planes + c * plane_size
+                for i in range(i0, i1):
+                    block[i * LANES + c] = src[i]
+            else:
+                for i in range(i0, i1):
+                    block[i * LANES + c] = 0
+
+
+cdef inline void deinterleave_bins(const floating* block, Py_ssize_t n_bins, Py_ssize_t n_planes,
+                            floating* planes) noexcept nogil:
+    """planes[c * n_bins + i] = block[i * LANES + c] for the first n_planes lanes."""
+    cdef Py_ssize_t i, c
+    for c in range(n_planes):
+        for i in range(n_bins):
+            planes[c * n_bins + i] = block[i * LANES + c]
+
+
+cdef inline void add_deinterleaved(const floating* block, Py_ssize_t plane_size,
+                                   Py_ssize_t n_planes, floating* planes) noexcept nogil:
+    """planes[c * plane_size + i] += block[i * LANES + c] for the first n_planes lanes."""
+    cdef Py_ssize_t i, c
+    for c in range(n_planes):
+        for i in range(plane_size):
+            planes[c * plane_size + i] += block[i * LANES + c]

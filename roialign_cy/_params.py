@@ -1,0 +1,32 @@
+"""The validated, normalised description of one operator call, shared by every backend."""
+from dataclasses import dataclass
+
+MODES = ("avg", "max", "onnx_max")
+LAYOUTS = ("NCHW", "NHWC")
+
+# Default bound on sampling points per output bin (gh * gw). torchvision and onnxruntime have none,
+# so one huge box with adaptive sampling can make a call run for hours; 2**16 (a 256 x 256 grid per
+# bin) is far above any detector's needs. Raise it with max_samples_per_bin=... on any call.
+DEFAULT_MAX_SAMPLES_PER_BIN = 1 << 16
+
+
+@dataclass(frozen=True)
+class OpParams:
+    """Everything a kernel needs besides the arrays.
+
+    sampling_ratio <= 0 means adaptive (ceil(roi_size / output_size) samples per bin and axis).
+    rotated boxes are (cx, cy, w, h, angle_degrees); axis-aligned ones (x1, y1, x2, y2).
+    clockwise (rotated only) negates the angle, the mmcv convention.
+    """
+
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
+    mode: str = "avg"
+    channels_last: bool = False
+    rotated: bool = False
+    clockwise: bool = False
+    n_threads: int = 1
+    deterministic: bool = True

@@ -1,0 +1,210 @@
+"""Argument checking and normalisation shared by every public operator.
+
+Each check raises ValueError/TypeError naming the argument and what was received; kernels then
+assume valid, C-contiguous input and never check again.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, LAYOUTS, MODES
+
+FLOAT_DTYPES = {"cpu": ("float32", "float64"), "cuda": ("float16", "float32", "float64")}
+
+
+def xp_of(backend):
+    if backend == "cuda":
+        import cupy
+
+        return cupy
+    return np
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_int(name, value, minimum=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = operator.index(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def output_size(value):
+    """int or (height, width) pair of positive ints -> (PH, PW)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        value = (value, value)
+    try:
+        pair = tuple(value)
+    except TypeError:
+        raise TypeError(f"output_size must be an int or a pair of ints, got {value!r}") from None
+    if len(pair) != 2:
+        raise ValueError(f"output_size must be an int or a pair of ints, got {value!r}")
+    return tuple(check_int("output_size", v, minimum=1) for v in pair)
+
+
+def spatial_scale(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"spatial_scale must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"spatial_scale must be finite and > 0, got {value}")
+    return value
+
+
+def n_threads(value):
+    if value is None:
+        return None
+    return check_int("n_threads", value, minimum=1)
+
+
+def features(array, layout, backend):
+    """Float feature map of rank 4 -> C-contiguous array (no copy when already so)."""
+    xp = xp_of(backend)
+    if backend == "cpu" and not isinstance(array, np.ndarray):
+        try:
+            array = np.asarray(array)
+        except Exception as exc:
+            raise TypeError(f"features must be an array, got {type(array).__name__}") from exc
+    if array.dtype.name not in FLOAT_DTYPES[backend]:
+        raise TypeError(
+            f"features must have a floating dtype ({', '.join(FLOAT_DTYPES[backend])}) on the "
+            f"{backend} backend, got {array.dtype}"
+        )
+    if array.ndim != 4:
+        raise ValueError(
+            f"features must have rank 4 ({'N, C, H, W' if layout == 'NCHW' else 'N, H, W, C'}), "
+            f"got shape {tuple(array.shape)}"
+        )
+    return xp.ascontiguousarray(array)
+
+
+def feature_shape(shape, layout):
+    """A features *shape* (used when only the feature gradient in avg mode is wanted)."""
+    try:
+        shape = tuple(check_int("features shape", s, minimum=0) for s in shape)
+    except TypeError:
+        raise TypeError(f"features must be an array or a shape tuple, got {shape!r}") from None
+    if len(shape) != 4:
+        raise ValueError(f"features shape must have 4 entries ({layout}), got {shape!r}")
+    return shape
+
+
+def boxes(value, n_images, batch_indices, width, dtype, backend, name="boxes"):
+    """Any of the three box forms -> (rois (K, width) C-contiguous of ``dtype``, batch_idx (K,)
+    int64, form) where form is "batched", "onnx" or "list"."""
+    xp = xp_of(backend)
+    coords = "x1, y1, x2, y2" if width == 4 else "cx, cy, w, h, angle"
+    if isinstance(value, (list, tuple)):
+        if batch_indices is not None:
+            raise ValueError(f"batch_indices must be None when {name} is a list of per-image arrays")
+        parts, idx = [], []
+        for i, part in enumerate(value):
+            part = part if backend == "cuda" else np.asarray(part)
+            if part.ndim != 2 or part.shape[1] != width:
+                raise ValueError(
+                    f"{name}[{i}] must have shape (L, {width}) [{coords}], got {tuple(part.shape)}"
+                )
+            _check_real(f"{name}[{i}]", part)
+            parts.append(part.astype(dtype, copy=False))
+            idx.append(xp.full(part.shape[0], i, dtype=xp.int64))
+        rois = xp.concatenate(parts) if parts else xp.zeros((0, width), dtype)
+        batch_idx = xp.concatenate(idx) if idx else xp.zeros(0, xp.int64)
+        form = "list"
+    else:
+        arr = value if backend == "cuda" else np.asarray(value)
+        _check_real(name, arr)
+        if arr.ndim != 2 or arr.shape[1] not in (width, width + 1):
+            raise ValueError(
+                f"{name} must have shape (K, {width + 1}) [batch_index, {coords}] or (K, {width}) "
+                f"with batch_indices, got {tuple(arr.shape)}"
+            )
+        if arr.shape[1] == width + 1:
+            if batch_indices is not None:
+                raise ValueError(
+                    f"batch_indices must be None when {name} has {width + 1} columns "
+                    "(the first column holds the batch index)"
+                )
+            col = arr[:, 0]
+            if not bool(xp.all(col == xp.floor(col))):
+                raise ValueError(f"{name}[:, 0] (batch index) must hold whole numbers")
+            _check_finite(f"{name}[:, 0] (batch index)", col)
+            batch_idx = col.astype(xp.int64)
+            rois = arr[:, 1:]
+            form = "batched"
+        else:
+            if batch_indices is None:
+                if n_images != 1:
+                    raise ValueError(
+                        f"{name} of shape (K, {width}) needs batch_indices when features hold "
+                        f"{n_images} images"
+                    )
+                batch_idx = xp.zeros(arr.shape[0], xp.int64)
+            else:
+                batch_idx = batch_index_array(batch_indices, arr.shape[0], backend)
+            rois = arr
+            form = "onnx"
+        rois = xp.ascontiguousarray(rois, dtype=dtype)
+    _check_finite(name, rois)
+    if batch_idx.size and (int(batch_idx.min()) < 0 or int(batch_idx.max()) >= n_images):
+        bad = batch_idx[(batch_idx < 0) | (batch_idx >= n_images)]
+        raise ValueError(
+            f"batch index out of range: features hold {n_images} images, got {int(bad[0])}"
+        )
+    return rois, xp.ascontiguousarray(batch_idx), form
+
+
+def batch_index_array(value, k, backend):
+    xp = xp_of(backend)
+    arr = value if backend == "cuda" else np.asarray(value)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"batch_indices must be an integer array, got dtype {arr.dtype}")
+    if arr.shape != (k,):
+        raise ValueError(f"batch_indices must have shape ({k},) to match boxes, got {tuple(arr.shape)}")
+    return xp.ascontiguousarray(arr, dtype=xp.int64)
+
+
+def _check_real(name, arr):
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+
+
+def _check_finite(name, arr):
+    xp = np if isinstance(arr, np.ndarray) else xp_of("cuda")
+    if arr.size and not bool(xp.all(xp.isfinite(arr))):
+        raise ValueError(f"{name} must be finite (no NaN or inf)")
+
+
+def sample_bound(max_samples_per_bin, gh, gw):
+    """Refuse calls whose sampling grid would run for hours (see DEFAULT_MAX_SAMPLES_PER_BIN)."""
+    if gh.size == 0:
+        return
+    worst = int((gh.astype(np.float64) * gw.astype(np.float64)).max())
+    if worst > max_samples_per_bin:
+        raise ValueError(
+            f"sampling grid too large: a bin would take {worst} samples (max_samples_per_bin="
+            f"{max_samples_per_bin}); pass a smaller sampling_ratio or raise max_samples_per_bin"
+        )
+
+
+def max_samples(value):
+    return check_int("max_samples_per_bin", value, minimum=1)
+
+
+__all__ = [
+    "DEFAULT_MAX_SAMPLES_PER_BIN", "LAYOUTS", "MODES", "output_size", "spatial_scale", "features",
+    "boxes", "check_choice", "check_flag", "check_int", "n_threads", "sample_bound",
+]
