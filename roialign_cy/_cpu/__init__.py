@@ -66,15 +66,32 @@ def _interleave(gh, gw, boxes, n, c, h, w, p, n_threads):
     return samples >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w
 
 
+def _rotated_runs(rois, batch_idx, n_images, height, width, p, n_threads):
+    """Yield (order, img_start, j0, j1, gh, gw, sample tables) for each chunk of rotated boxes."""
+    gh, gw = _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
+                                           p.sampling_ratio, p.aligned)
+    order, img_start = _group_by_image(batch_idx, n_images)
+    # a sample costs 4 table entries of each kind
+    for j0, j1 in _chunks(gh * gw * (p.pooled_h * p.pooled_w * 4), order):
+        t = _roi_align_rotated.make_tables(rois, order, j0, j1, gh, gw, height, width,
+                                           p.pooled_h, p.pooled_w, p.spatial_scale, p.aligned,
+                                           p.clockwise, n_threads)
+        yield order, img_start, j0, j1, gh, gw, t
+
+
 def forward(features, rois, batch_idx, out, p):
     if out.size == 0:
         return
     n_threads = effective_n_threads(p.n_threads)
     n, c, h, w = _shape(features, p)
     if p.rotated:
-        _roi_align_rotated.forward(features, rois, batch_idx, out, p.spatial_scale,
-                                   p.sampling_ratio, p.aligned, p.clockwise, p.channels_last,
-                                   n_threads)
+        for order, img_start, j0, j1, gh, gw, t in _rotated_runs(rois, batch_idx, n, h, w, p,
+                                                                  n_threads):
+            _roi_align_rotated.forward(features, batch_idx, order, img_start, j0, j1, gh, gw, t,
+                                       out, p.channels_last,
+                                       _interleave(gh, gw, order[j0:j1], n, c, h, w, p,
+                                                   n_threads),
+                                       n_threads)
         return
     for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,
                                                                    n_threads):
@@ -92,9 +109,11 @@ def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
     if features is None:
         features = grad_features  # avg mode reads no feature value; any array of the shape will do
     if p.rotated:
-        _roi_align_rotated.backward_features(grad_out, rois, batch_idx, grad_features,
-                                             p.spatial_scale, p.sampling_ratio, p.aligned,
-                                             p.clockwise, p.channels_last, n_threads)
+        for order, img_start, j0, j1, gh, gw, t in _rotated_runs(rois, batch_idx, n, h, w, p,
+                                                                  n_threads):
+            _roi_align_rotated.backward_features(grad_out, batch_idx, order, img_start, j0, j1,
+                                                 gh, gw, t, grad_features, p.channels_last,
+                                                 n_threads)
         return
     for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,
                                                                    n_threads):
@@ -108,9 +127,11 @@ def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
         return
     n_threads = effective_n_threads(p.n_threads)
     if p.rotated:
-        _roi_align_rotated.backward_boxes(grad_out, features, rois, batch_idx, grad_rois,
-                                          p.spatial_scale, p.sampling_ratio, p.aligned,
-                                          p.clockwise, p.channels_last, n_threads)
+        gh, gw = _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
+                                               p.sampling_ratio, p.aligned)
+        _roi_align_rotated.backward_boxes(grad_out, features, rois, batch_idx, gh, gw, grad_rois,
+                                          p.spatial_scale, p.aligned, p.clockwise,
+                                          p.channels_last, n_threads)
         return
     n, c, h, w = _shape(features, p)
     for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,

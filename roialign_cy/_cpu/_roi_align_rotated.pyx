@@ -1,1 +1,392 @@
-# placeholder
+"""Rotated RoIAlign on the CPU: forward (average), feature and box gradients (spec section 4).
+
+A rotated box is not separable, so each box gets a table of its samples (4 pixel indices and 4
+bilinear weights each), filled once and reused over all channels. The loops are those of the
+axis-aligned kernels: NHWC splits the boxes over threads with vector code over channels; NCHW
+copies blocks of LANES planes to channels-last scratch (one task per image and block) when the boxes
+take enough samples to pay for it, and splits the boxes otherwise. The feature gradient lets each
+thread own the channels it writes, so it is bit-identical for any thread count.
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.math cimport M_PI, cos, sin
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+import numpy as np
+
+from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
+from ._lanes cimport LANES, add_deinterleaved, deinterleave_bins, interleave_planes
+
+
+cdef struct Frame:
+    # a box in feature-map coordinates: centre, size (after the legacy clamp), rotation
+    double cy, cx, roi_h, roi_w, cos_t, sin_t
+    bint clamped_h, clamped_w
+
+
+cdef inline Frame box_frame(const floating* roi, double scale, bint aligned,
+                            bint clockwise) noexcept nogil:
+    """(cx, cy, w, h, angle_degrees) -> Frame. Counter-clockwise angles (detectron2, Caffe2);
+    clockwise=True negates them (mmcv)."""
+    cdef Frame f
+    cdef double offset = 0.5 if aligned else 0.0
+    cdef double theta = roi[4] * M_PI / 180.0
+    if clockwise:
+        theta = -theta
+    f.cx = <floating>(roi[0] * scale - offset)
+    f.cy = <floating>(roi[1] * scale - offset)
+    f.roi_w = <floating>(roi[2] * scale)
+    f.roi_h = <floating>(roi[3] * scale)
+    f.clamped_w = f.clamped_h = False
+    if not aligned:
+        # legacy convention (Caffe2, mmcv): boxes below one pixel grow to one pixel
+        if f.roi_w < 1:
+            f.roi_w = 1
+            f.clamped_w = True
+        if f.roi_h < 1:
+            f.roi_h = 1
+            f.clamped_h = True
+    f.cos_t = <floating>cos(theta)
+    f.sin_t = <floating>sin(theta)
+    return f
+
+
+def grid_sizes(const floating[:, ::1] rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
+               double scale, Py_ssize_t sampling_ratio, bint aligned):
+    """Samples per bin (gh, gw) of every rotated box, as int64 arrays."""
+    cdef Py_ssize_t K = rois.shape[0], k
+    cdef Frame f
+    gh_arr = np.empty(K, dtype=np.int64)
+    gw_arr = np.empty(K, dtype=np.int64)
+    cdef int64_t[::1] gh = gh_arr, gw = gw_arr
+    with nogil:
+        for k in range(K):
+            f = box_frame(&rois[k, 0], scale, aligned, False)
+            gh[k] = grid_size(sampling_ratio, <floating>f.roi_h, pooled_h)
+            gw[k] = grid_size(sampling_ratio, <floating>f.roi_w, pooled_w)
+    return gh_arr, gw_arr
+
+
+cdef inline void sample_point(Frame* f, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t iy,
+                              Py_ssize_t ix, Py_ssize_t gh, Py_ssize_t gw, Py_ssize_t PH,
+                              Py_ssize_t PW, floating* y, floating* x, floating* yy,
+                              floating* xx) noexcept nogil:
+    """Sample (iy, ix) of bin (ph, pw): its offset (yy, xx) from the centre in the box frame and
+    its position (y, x) on the map, y = yy cos - xx sin + cy, x = yy sin + xx cos + cx."""
+    cdef floating roi_h = <floating>f.roi_h, roi_w = <floating>f.roi_w
+    cdef floating c = <floating>f.cos_t, s = <floating>f.sin_t
+    yy[0] = sample_coord(-roi_h / 2, roi_h / <floating>PH, ph, iy, gh)
+    xx[0] = sample_coord(-roi_w / 2, roi_w / <floating>PW, pw, ix, gw)
+    y[0] = yy[0] * c - xx[0] * s + <floating>f.cy
+    x[0] = yy[0] * s + xx[0] * c + <floating>f.cx
+
+
+cdef void fill_samples(const floating* roi, double scale, bint aligned, bint clockwise,
+                       Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw, Py_ssize_t H,
+                       Py_ssize_t W, Py_ssize_t* idx, floating* w) noexcept nogil:
+    """Table of one box: for sample t (bin-major, then iy, then ix) the pixel indices y * W + x of
+    its 4 taps in idx[4t..4t+3] and their weights in w[4t..4t+3] (0 outside the image)."""
+    cdef Frame f = box_frame(roi, scale, aligned, clockwise)
+    cdef Py_ssize_t ph, pw, iy, ix, t = 0, y0, y1, x0, x1
+    cdef floating y, x, yy, xx, a0, a1, b0, b1, sy, sx
+    cdef bint ok
+    for ph in range(PH):
+        for pw in range(PW):
+            for iy in range(gh):
+                for ix in range(gw):
+                    sample_point(&f, ph, pw, iy, ix, gh, gw, PH, PW, &y, &x, &yy, &xx)
+                    # the sample is 0 when either coordinate leaves [-1, size]
+                    ok = bilinear_axis(y, H, &y0, &y1, &a0, &a1, &sy)
+                    ok = bilinear_axis(x, W, &x0, &x1, &b0, &b1, &sx) and ok
+                    if not ok:
+                        a0 = a1 = b0 = b1 = 0
+                    idx[4 * t] = y0 * W + x0
+                    idx[4 * t + 1] = y0 * W + x1
+                    idx[4 * t + 2] = y1 * W + x0
+                    idx[4 * t + 3] = y1 * W + x1
+                    w[4 * t] = a0 * b0
+                    w[4 * t + 1] = a0 * b1
+                    w[4 * t + 2] = a1 * b0
+                    w[4 * t + 3] = a1 * b1
+                    t += 1
+
+
+cdef class _Samples:
+    """Sample tables of the boxes at sorted positions j0..j1."""
+    cdef public object idx, w, off
+
+
+def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_t j0,
+                Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, Py_ssize_t H,
+                Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale, bint aligned,
+                bint clockwise, int n_threads):
+    dtype = np.float32 if floating is float else np.float64
+    cdef Py_ssize_t n = j1 - j0, j, k
+    t = _Samples()
+    off_arr = np.zeros(n + 1, dtype=np.intp)
+    sel = np.asarray(order[j0:j1])
+    np.cumsum(np.asarray(gh)[sel] * np.asarray(gw)[sel] * (PH * PW), out=off_arr[1:])
+    total = int(off_arr[n])
+    # one slack sample so that &table[offset] is valid for boxes with no samples
+    t.idx = np.zeros(4 * (total + 1), np.intp)
+    t.w = np.zeros(4 * (total + 1), dtype)
+    t.off = off_arr
+    cdef Py_ssize_t[::1] idx = t.idx, off = off_arr
+    cdef floating[::1] w = t.w
+    for j in prange(n, nogil=True, schedule="dynamic", num_threads=n_threads):
+        k = order[j0 + j]
+        fill_samples(&rois[k, 0], scale, aligned, clockwise, PH, PW, gh[k], gw[k], H, W,
+                     &idx[4 * off[j]], &w[4 * off[j]])
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and feature gradient: sample tables over channels-last data (pixel stride cs)
+
+cdef void pool_samples(const floating* image, Py_ssize_t cs, Py_ssize_t nc, floating* o,
+                       Py_ssize_t ob, Py_ssize_t n_bins, Py_ssize_t count, const Py_ssize_t* idx,
+                       const floating* w) noexcept nogil:
+    """o[bin * ob + c] = mean over the bin's samples of the bilinear value of channel c < nc."""
+    cdef Py_ssize_t b, s, t, c
+    cdef floating* ob_ptr
+    cdef const floating* p00
+    cdef const floating* p01
+    cdef const floating* p10
+    cdef const floating* p11
+    cdef floating w00, w01, w10, w11, inv_count
+    inv_count = 1 / <floating>count if count > 0 else 0
+    for b in range(n_bins):
+        ob_ptr = o + b * ob
+        for c in range(nc):
+            ob_ptr[c] = 0
+        for s in range(count):
+            t = 4 * (b * count + s)
+            p00 = image + idx[t] * cs
+            p01 = image + idx[t + 1] * cs
+            p10 = image + idx[t + 2] * cs
+            p11 = image + idx[t + 3] * cs
+            w00, w01, w10, w11 = w[t], w[t + 1], w[t + 2], w[t + 3]
+            for c in range(nc):
+                ob_ptr[c] += w00 * p00[c] + w01 * p01[c] + w10 * p10[c] + w11 * p11[c]
+        for c in range(nc):
+            ob_ptr[c] *= inv_count
+
+
+cdef void scatter_samples(floating* gimage, Py_ssize_t cs, Py_ssize_t nc, const floating* g,
+                          Py_ssize_t gb, Py_ssize_t n_bins, Py_ssize_t count,
+                          const Py_ssize_t* idx, const floating* w) noexcept nogil:
+    """Each sample sends g[bin * gb + c] * weight / count to its 4 taps."""
+    cdef Py_ssize_t b, s, t, c
+    cdef const floating* gp
+    cdef floating* q00
+    cdef floating* q01
+    cdef floating* q10
+    cdef floating* q11
+    cdef floating w00, w01, w10, w11, inv_count
+    if count == 0:
+        return
+    inv_count = 1 / <floating>count
+    for b in range(n_bins):
+        gp = g + b * gb
+        for s in range(count):
+            t = 4 * (b * count + s)
+            q00 = gimage + idx[t] * cs
+            q01 = gimage + idx[t + 1] * cs
+            q10 = gimage + idx[t + 2] * cs
+            q11 = gimage + idx[t + 3] * cs
+            w00, w01 = w[t] * inv_count, w[t + 1] * inv_count
+            w10, w11 = w[t + 2] * inv_count, w[t + 3] * inv_count
+            for c in range(nc):
+                q00[c] += gp[c] * w00
+                q01[c] += gp[c] * w01
+                q10[c] += gp[c] * w10
+                q11[c] += gp[c] * w11
+
+
+def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
+            const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
+            const int64_t[::1] gh, const int64_t[::1] gw, _Samples t, floating[:, :, :, ::1] out,
+            bint channels_last, bint interleave, int n_threads):
+    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, nb, j, k, q, lo, hi, task, blocks
+    cdef const floating* X = &features[0, 0, 0, 0]
+    cdef floating* O = &out[0, 0, 0, 0]
+    cdef const Py_ssize_t[::1] idx = t.idx, off = t.off
+    cdef const floating[::1] w = t.w
+    cdef floating* scratch
+    cdef floating* obuf
+    if channels_last:
+        N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
+        PH, PW = out.shape[1], out.shape[2]
+        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
+            k = order[j]
+            q = j - j0
+            pool_samples(X + batch_idx[k] * H * W * C, C, C, O + k * PH * PW * C, C, PH * PW,
+                         gh[k] * gw[k], &idx[4 * off[q]], &w[4 * off[q]])
+        return
+    N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
+    PH, PW = out.shape[2], out.shape[3]
+    if interleave:
+        blocks = (C + LANES - 1) // LANES
+        with nogil, parallel(num_threads=n_threads):
+            scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+            obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+            for task in prange(N * blocks, schedule="dynamic"):
+                n = task // blocks
+                c = (task % blocks) * LANES
+                nb = C - c if C - c < LANES else LANES
+                interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+                lo = img_start[n] if img_start[n] > j0 else j0
+                hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
+                for j in range(lo, hi):
+                    k = order[j]
+                    q = j - j0
+                    pool_samples(scratch, LANES, LANES, obuf, LANES, PH * PW, gh[k] * gw[k],
+                                 &idx[4 * off[q]], &w[4 * off[q]])
+                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW)
+            free(scratch)
+            free(obuf)
+    else:
+        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
+            k = order[j]
+            q = j - j0
+            for c in range(C):
+                pool_samples(X + (batch_idx[k] * C + c) * H * W, 1, 1, O + (k * C + c) * PH * PW,
+                             1, PH * PW, gh[k] * gw[k], &idx[4 * off[q]], &w[4 * off[q]])
+
+
+def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] batch_idx,
+                      const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
+                      Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Samples t,
+                      floating[:, :, :, ::1] grad_features, bint channels_last, int n_threads):
+    """Add the feature gradient of the boxes at sorted positions j0..j1; every element is owned
+    by one thread and receives its terms in the fixed sorted-box order."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, c0, nb, j, k, q, lo, hi, task, blocks, cc, i
+    cdef const floating* GO = &grad_out[0, 0, 0, 0]
+    cdef floating* G = &grad_features[0, 0, 0, 0]
+    cdef const Py_ssize_t[::1] idx = t.idx, off = t.off
+    cdef const floating[::1] w = t.w
+    cdef floating* gscratch
+    cdef floating* gbuf
+    if channels_last:
+        N, H, W, C = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
+        PH, PW = grad_out.shape[1], grad_out.shape[2]
+        blocks = (C + LANES - 1) // LANES
+        for task in prange(blocks, nogil=True, schedule="static", num_threads=n_threads):
+            c0 = task * LANES
+            for j in range(j0, j1):
+                k = order[j]
+                q = j - j0
+                scatter_samples(G + batch_idx[k] * H * W * C + c0, C,
+                                C - c0 if C - c0 < LANES else LANES,
+                                GO + k * PH * PW * C + c0, C, PH * PW, gh[k] * gw[k],
+                                &idx[4 * off[q]], &w[4 * off[q]])
+        return
+    N, C, H, W = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
+    PH, PW = grad_out.shape[2], grad_out.shape[3]
+    blocks = (C + LANES - 1) // LANES
+    with nogil, parallel(num_threads=n_threads):
+        gscratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+        gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        for task in prange(N * blocks, schedule="dynamic"):
+            n = task // blocks
+            c = (task % blocks) * LANES
+            nb = C - c if C - c < LANES else LANES
+            memset(gscratch, 0, H * W * LANES * sizeof(floating))
+            memset(gbuf, 0, PH * PW * LANES * sizeof(floating))
+            lo = img_start[n] if img_start[n] > j0 else j0
+            hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
+            for j in range(lo, hi):
+                k = order[j]
+                q = j - j0
+                for cc in range(nb):
+                    for i in range(PH * PW):
+                        gbuf[i * LANES + cc] = GO[(k * C + c + cc) * PH * PW + i]
+                scatter_samples(gscratch, LANES, LANES, gbuf, LANES, PH * PW, gh[k] * gw[k],
+                                &idx[4 * off[q]], &w[4 * off[q]])
+            add_deinterleaved(gscratch, H * W, nb, G + (n * C + c) * H * W)
+        free(gscratch)
+        free(gbuf)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient with respect to the boxes
+
+cdef void box_grad(const floating* roi, floating* groi, const floating* image, Py_ssize_t cs,
+                   Py_ssize_t chs, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, const floating* g,
+                   Py_ssize_t gb, Py_ssize_t gc, Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh,
+                   Py_ssize_t gw, double scale, bint aligned, bint clockwise) noexcept nogil:
+    """d(sum g * out) / d(cx, cy, w, h, angle) of one box. Pixel (y, x) of channel c is
+    image[(y * W + x) * cs + c * chs]; bin b of channel c is g[b * gb + c * gc].
+
+    Per sample: S = sum over channels of g * dv/d(y, x); then the chain rule through
+    y = yy cos - xx sin + cy, x = yy sin + xx cos + cx, with yy = roi_h * (t_y - 1/2) and
+    xx = roi_w * (t_x - 1/2)."""
+    cdef Frame f = box_frame(roi, scale, aligned, clockwise)
+    cdef Py_ssize_t ph, pw, iy, ix, c, y0, y1, x0, x1, count = gh * gw
+    cdef floating y, x, yy, xx, a0, a1, b0, b1, sy, sx
+    cdef double v00, v01, v10, v11, gv, dvy, dvx, ty, tx, inv_count
+    cdef double acc_cx = 0, acc_cy = 0, acc_w = 0, acc_h = 0, acc_t = 0
+    cdef double dtheta = (M_PI / 180.0) * (-1.0 if clockwise else 1.0)
+    if count == 0:
+        return
+    inv_count = 1.0 / count
+    for ph in range(PH):
+        for pw in range(PW):
+            for iy in range(gh):
+                for ix in range(gw):
+                    sample_point(&f, ph, pw, iy, ix, gh, gw, PH, PW, &y, &x, &yy, &xx)
+                    if not (bilinear_axis(y, H, &y0, &y1, &a0, &a1, &sy) and
+                            bilinear_axis(x, W, &x0, &x1, &b0, &b1, &sx)):
+                        continue
+                    if sy == 0 and sx == 0:
+                        continue
+                    dvy = 0
+                    dvx = 0
+                    for c in range(C):
+                        gv = g[(ph * PW + pw) * gb + c * gc]
+                        v00 = image[(y0 * W + x0) * cs + c * chs]
+                        v01 = image[(y0 * W + x1) * cs + c * chs]
+                        v10 = image[(y1 * W + x0) * cs + c * chs]
+                        v11 = image[(y1 * W + x1) * cs + c * chs]
+                        dvy += gv * ((b0 * v10 + b1 * v11) - (b0 * v00 + b1 * v01))
+                        dvx += gv * (a0 * (v01 - v00) + a1 * (v11 - v10))
+                    dvy *= sy * inv_count
+                    dvx *= sx * inv_count
+                    ty = sample_fraction(ph, iy, gh, PH) - 0.5
+                    tx = sample_fraction(pw, ix, gw, PW) - 0.5
+                    acc_cy += dvy
+                    acc_cx += dvx
+                    acc_h += ty * (dvy * f.cos_t + dvx * f.sin_t)
+                    acc_w += tx * (-dvy * f.sin_t + dvx * f.cos_t)
+                    acc_t += dvy * (-yy * f.sin_t - xx * f.cos_t) + dvx * (yy * f.cos_t - xx * f.sin_t)
+    groi[0] += <floating>(scale * acc_cx)
+    groi[1] += <floating>(scale * acc_cy)
+    if not f.clamped_w:
+        groi[2] += <floating>(scale * acc_w)
+    if not f.clamped_h:
+        groi[3] += <floating>(scale * acc_h)
+    groi[4] += <floating>(dtheta * acc_t)
+
+
+def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] features,
+                   const floating[:, ::1] rois, const int64_t[::1] batch_idx,
+                   const int64_t[::1] gh, const int64_t[::1] gw, floating[:, ::1] grad_rois,
+                   double scale, bint aligned, bint clockwise, bint channels_last, int n_threads):
+    """One thread per box, so the result does not depend on the thread count."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, k, K = rois.shape[0]
+    cdef Py_ssize_t cs, chs, gb, gc
+    cdef const floating* GO = &grad_out[0, 0, 0, 0]
+    cdef const floating* X = &features[0, 0, 0, 0]
+    if channels_last:
+        N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
+        PH, PW = grad_out.shape[1], grad_out.shape[2]
+        cs, chs, gb, gc = C, 1, C, 1
+    else:
+        N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
+        PH, PW = grad_out.shape[2], grad_out.shape[3]
+        cs, chs, gb, gc = 1, H * W, 1, PH * PW
+    for k in prange(K, nogil=True, schedule="dynamic", num_threads=n_threads):
+        box_grad(&rois[k, 0], &grad_rois[k, 0], X + batch_idx[k] * C * H * W, cs, chs, C, H, W,
+                 GO + k * C * PH * PW, gb, gc, PH, PW, gh[k], gw[k], scale, aligned, clockwise)
