@@ -1,0 +1,53 @@
+// Axis-aligned RoIAlign kernels: forward (avg, max, onnx_max), gradient with respect to the
+// features (deterministic gather, or atomic scatter) and to the boxes. The GPU twin of
+// roialign_cy/_cpu/_roi_align.pyx; the loops live in roi_pool.cuh, shared with the rotated
+// operator, and the box geometry in roi_geometry.cuh (AlignedBox).
+//
+// Templates: T = __half, float or double (rois and accumulation in float for __half); MODE =
+// rac::MODE_AVG / MODE_MAX / MODE_ONNX_MAX (gradients: avg and max); NHWC = channels-last layout.
+// roialign_cy/_cuda.py instantiates them through NVRTC name expressions.
+#include "roi_pool.cuh"
+
+#define RAC_GEOM rac::AlignedBox<typename rac::Acc<T>::type>
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_forward(const T* __restrict__ features, RAC_PROBLEM_PARAMS, T* __restrict__ out) {
+    rac::forward_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), features, out, (int*)0);
+}
+
+// The winning sample of every output of the max modes, for the gradients.
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_argmax(const T* __restrict__ features, RAC_PROBLEM_PARAMS, int* __restrict__ argmax) {
+    rac::forward_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), features, (T*)0, argmax);
+}
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_backward_features_atomic(const T* __restrict__ grad_out, const int* __restrict__ argmax,
+                                                   RAC_PROBLEM_PARAMS, typename rac::Acc<T>::type* grad_acc) {
+    rac::backward_features_atomic_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), grad_out, argmax, grad_acc);
+}
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_backward_features_gather(const T* __restrict__ grad_out, const int* __restrict__ argmax,
+                                                   RAC_PROBLEM_PARAMS, int tile_h, int tile_w, int tiles_y,
+                                                   int tiles_x, const rac::i64* __restrict__ tile_offsets,
+                                                   const int* __restrict__ tile_boxes,
+                                                   T* __restrict__ grad_features) {
+    rac::backward_features_gather_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), grad_out, argmax, tile_h, tile_w,
+                                                             tiles_y, tiles_x, tile_offsets, tile_boxes,
+                                                             grad_features);
+}
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_backward_boxes(const T* __restrict__ grad_out, const T* __restrict__ features,
+                                         const int* __restrict__ argmax, RAC_PROBLEM_PARAMS,
+                                         typename rac::Acc<T>::type* __restrict__ grad_rois) {
+    rac::backward_boxes_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), grad_out, features, argmax, grad_rois);
+}
+
+template <typename T>
+__global__ void roi_align_footprint(RAC_PROBLEM_PARAMS, int tile_h, int tile_w, int* __restrict__ footprints) {
+    rac::footprint_body<RAC_GEOM>(RAC_PROBLEM(T), tile_h, tile_w, footprints);
+}
+
+#undef RAC_GEOM

@@ -1,0 +1,286 @@
+"""CUDA backend: the kernels of ``cuda/`` compiled at run time by NVRTC through CuPy.
+
+``roi_align.cu`` (axis-aligned) and ``roi_align_rotated.cu`` (rotated) include the shared headers
+``roi_common.cuh``, ``roi_geometry.cuh`` and ``roi_pool.cuh``. Each (device, source, dtype) is
+compiled once per process by ``cupy.RawModule``, its template instantiations named by
+``name_expressions``; kernels run on CuPy's current stream, on the device of the output array.
+
+CuPy is imported on first use, never at import time: ``import roialign_cy`` and this module work
+without it, and a GPU call without it raises an ImportError saying what to install.
+
+The launch sequences live in ``_Ops``, written against an array module and a launch function, so
+that ``tests/cuda_host`` runs exactly this code on a host emulation of the kernels.
+"""
+import hashlib
+import importlib.resources
+import pathlib
+import threading
+
+import numpy as np
+
+# rotated -> source file; the headers every source includes
+SOURCES = {False: "roi_align.cu", True: "roi_align_rotated.cu"}
+HEADERS = ("roi_common.cuh", "roi_geometry.cuh", "roi_pool.cuh")
+# numpy dtype name -> C++ scalar type of the kernels
+SCALARS = {"float16": "__half", "float32": "float", "float64": "double"}
+COMPILE_OPTIONS = ("-std=c++17",)
+
+_MODES = {"avg": 0, "max": 1, "onnx_max": 2}
+_GRADIENT_MODES = ("avg", "max")  # onnx_max reproduces a forward quirk and has no gradient
+_FLAG_ALIGNED, _FLAG_CLOCKWISE = 1, 2  # rac::FLAG_ALIGNED, rac::FLAG_CLOCKWISE
+THREADS = 256  # rac::THREADS: block size of every launch (the box gradient's tree needs it)
+# Grid-stride kernels loop, so a bounded grid covers any size; 2**16 blocks fill any current GPU.
+MAX_BLOCKS = 1 << 16
+# Side of the square pixel tiles of the deterministic feature gradient: each tile lists the boxes
+# that may touch it. Smaller tiles mean shorter lists per pixel but more tiles to build.
+TILE = 16
+
+
+def source_dir():
+    """Directory of the CUDA sources: the ``roialign_cy.cuda`` package data of an installed wheel,
+    else the top-level ``cuda/`` of a source checkout."""
+    candidates = []
+    try:
+        # roialign_cy/cuda has no __init__.py (a regular package named cuda in a checkout would
+        # shadow NVIDIA's cuda namespace package), so files() may give a MultiplexedPath; a
+        # child of it is a real path either way
+        installed = importlib.resources.files("roialign_cy.cuda").joinpath(SOURCES[False])
+    except (ModuleNotFoundError, TypeError, ValueError):  # not installed; Python 3.9 namespace
+        installed = None
+    if isinstance(installed, pathlib.Path):
+        candidates.append(installed.parent)
+    candidates.append(pathlib.Path(__file__).resolve().parent.parent / "cuda")
+    for directory in candidates:
+        if all((directory / name).is_file() for name in (*SOURCES.values(), *HEADERS)):
+            return directory
+    raise FileNotFoundError(
+        "roialign_cy's CUDA sources were not found (looked in "
+        + ", ".join(str(d) for d in candidates) + "); reinstall the package"
+    )
+
+
+def _kernel_name(kernel, scalar, rotated, mode, channels_last):
+    if kernel in ("tiles_count", "tiles_fill"):
+        return f"roi_{kernel}"
+    prefix = "roi_align_rotated" if rotated else "roi_align"
+    if kernel == "footprint":
+        return f"{prefix}_footprint<{scalar}>"
+    targs = [scalar] + ([] if rotated else [str(_MODES[mode])]) + ["true" if channels_last else "false"]
+    return f"{prefix}_{kernel}<{', '.join(targs)}>"
+
+
+def name_expressions(source, scalar):
+    """Every kernel instantiation compiled into the module of ``source`` for the C++ ``scalar``."""
+    rotated = source == SOURCES[True]
+    names = [_kernel_name(k, scalar, rotated, None, None) for k in ("footprint", "tiles_count", "tiles_fill")]
+    for channels_last in (False, True):
+        for mode in ("avg",) if rotated else tuple(_MODES):
+            names.append(_kernel_name("forward", scalar, rotated, mode, channels_last))
+        for mode in ("avg",) if rotated else _GRADIENT_MODES:
+            if mode != "avg":
+                names.append(_kernel_name("argmax", scalar, rotated, mode, channels_last))
+            for kernel in ("backward_features_atomic", "backward_features_gather", "backward_boxes"):
+                names.append(_kernel_name(kernel, scalar, rotated, mode, channels_last))
+    return names
+
+
+def _grid(total):
+    return (int(min(max(-(-total // THREADS), 1), MAX_BLOCKS)),)
+
+
+class _Call:
+    """The kernel names and the problem arguments (RAC_PROBLEM_PARAMS) of one operator call."""
+
+    def __init__(self, shape, dtype, rois, batch_idx, p):
+        if p.channels_last:
+            n, h, w, c = shape
+        else:
+            n, c, h, w = shape
+        self.p = p
+        self.n_images, self.height, self.width, self.n_boxes = n, h, w, rois.shape[0]
+        self.scalar = SCALARS[np.dtype(dtype).name]
+        self.source = SOURCES[p.rotated]
+        self.acc_dtype = np.dtype(np.float64 if self.scalar == "double" else np.float32)
+        flags = (_FLAG_ALIGNED if p.aligned else 0) | (_FLAG_CLOCKWISE if p.clockwise else 0)
+        sizes = (n, c, h, w, rois.shape[0], p.pooled_h, p.pooled_w)
+        self.problem = (rois, batch_idx, *map(np.int32, sizes), np.float64(p.spatial_scale),
+                        np.int32(p.sampling_ratio), np.int32(flags))
+
+    def name(self, kernel):
+        return _kernel_name(kernel, self.scalar, self.p.rotated, self.p.mode, self.p.channels_last)
+
+
+class _Ops:
+    """The launch sequence of each backend entry point (contract in ``roialign_cy._backends``).
+
+    ``xp`` is the array module of the arrays (cupy; numpy under the host emulation) and
+    ``launch(source, scalar, name, grid, block, args)`` runs one kernel.
+    """
+
+    def __init__(self, xp, launch):
+        self.xp = xp
+        self._launch = launch
+
+    def _run(self, call, kernel, args, grid):
+        self._launch(call.source, call.scalar, call.name(kernel), grid, (THREADS,), args)
+
+    def forward(self, features, rois, batch_idx, out, p):
+        if out.size == 0:
+            return
+        call = _Call(features.shape, features.dtype, rois, batch_idx, p)
+        self._run(call, "forward", (features, *call.problem, out), _grid(out.size))
+
+    def _argmax(self, call, features, n_outputs):
+        """Winning sample of every output (max mode), else an unused empty array; () when the
+        operator's kernels take no arg-max argument (rotated)."""
+        if call.p.rotated:
+            return ()
+        if call.p.mode == "avg":
+            return (self.xp.empty(0, np.int32),)
+        argmax = self.xp.empty(n_outputs, np.int32)
+        self._run(call, "argmax", (features, *call.problem, argmax), _grid(n_outputs))
+        return (argmax,)
+
+    def backward_features(self, grad_out, features, rois, batch_idx, grad_features, p):
+        if p.mode not in _GRADIENT_MODES:
+            raise ValueError(f"mode={p.mode!r} has no gradient")
+        if grad_out.size == 0 or grad_features.size == 0:
+            return
+        call = _Call(grad_features.shape, grad_features.dtype, rois, batch_idx, p)
+        argmax = self._argmax(call, features, grad_out.size)
+        if p.deterministic:
+            tiles = self._tile_lists(call)
+            self._run(call, "backward_features_gather", (grad_out, *argmax, *call.problem, *tiles, grad_features),
+                      _grid(grad_features.size))
+            return
+        # float16 gradients are accumulated in float32, then rounded once
+        acc = grad_features
+        if grad_features.dtype != call.acc_dtype:
+            acc = self.xp.zeros(grad_features.shape, call.acc_dtype)
+        self._run(call, "backward_features_atomic", (grad_out, *argmax, *call.problem, acc), _grid(grad_out.size))
+        if acc is not grad_features:
+            grad_features += acc.astype(grad_features.dtype)
+
+    def _tile_lists(self, call):
+        """The gather's tile arguments: (tile_h, tile_w, tiles_y, tiles_x, offsets, boxes), where
+        boxes[offsets[t]:offsets[t + 1]] are the boxes that may touch tile t, in index order."""
+        xp = self.xp
+        tiles_y, tiles_x = -(-call.height // TILE), -(-call.width // TILE)
+        n_tiles = call.n_images * tiles_y * tiles_x
+        footprints = xp.empty((call.n_boxes, 4), np.int32)
+        self._run(call, "footprint", (*call.problem, np.int32(TILE), np.int32(TILE), footprints),
+                  _grid(call.n_boxes))
+        shape_args = (call.problem[1], np.int32(call.n_boxes), np.int32(call.n_images), np.int32(tiles_y),
+                      np.int32(tiles_x))
+        counts = xp.empty(n_tiles, np.int64)
+        self._run(call, "tiles_count", (footprints, *shape_args, counts), _grid(n_tiles))
+        offsets = xp.zeros(n_tiles + 1, np.int64)
+        offsets[1:] = xp.cumsum(counts)
+        boxes = xp.empty(max(int(offsets[-1]), 1), np.int32)  # one small device-to-host read
+        self._run(call, "tiles_fill", (footprints, *shape_args, offsets, boxes), _grid(n_tiles))
+        return np.int32(TILE), np.int32(TILE), np.int32(tiles_y), np.int32(tiles_x), offsets, boxes
+
+    def backward_boxes(self, grad_out, features, rois, batch_idx, grad_rois, p):
+        if p.mode not in _GRADIENT_MODES:
+            raise ValueError(f"mode={p.mode!r} has no gradient")
+        if grad_out.size == 0:
+            return
+        call = _Call(features.shape, features.dtype, rois, batch_idx, p)
+        argmax = self._argmax(call, features, grad_out.size)
+        # one block per box; a bounded grid loops over the boxes
+        self._run(call, "backward_boxes", (grad_out, features, *argmax, *call.problem, grad_rois),
+                  (int(min(call.n_boxes, MAX_BLOCKS)),))
+
+
+# ---------------------------------------------------------------------------------------------
+# CuPy: compilation cache and the public entry points
+
+_MODULES = {}
+_MODULES_LOCK = threading.Lock()
+_GPU_OPS = []
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as exc:
+        raise ImportError(
+            "roialign_cy's CUDA backend needs CuPy: pip install roialign_cy[cuda12] (CUDA 12.x) "
+            "or roialign_cy[cuda13] (CUDA 13.x)"
+        ) from exc
+    return cupy
+
+
+def is_available():
+    """True when CuPy imports and sees a CUDA device."""
+    try:
+        cupy = _cupy()
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except ImportError:
+        return False
+    except Exception as exc:  # no driver or no device: CuPy raises its CUDARuntimeError
+        if type(exc).__name__ == "CUDARuntimeError":
+            return False
+        raise
+
+
+def _code(directory, source):
+    # CuPy's on-disk kernel cache is keyed by the source text and the options, not by the files it
+    # includes: a digest of the headers in the text makes a header change recompile.
+    digest = hashlib.sha256(b"".join((directory / h).read_bytes() for h in HEADERS)).hexdigest()
+    return (directory / source).read_text() + f"\n// roialign_cy headers sha256 {digest}\n"
+
+
+def _module(source, scalar):
+    """The compiled module of ``source`` for ``scalar`` on the current device (once per process)."""
+    cupy = _cupy()
+    key = (cupy.cuda.Device().id, source, scalar)
+    module = _MODULES.get(key)
+    if module is None:
+        with _MODULES_LOCK:
+            module = _MODULES.get(key)
+            if module is None:
+                directory = source_dir()
+                module = cupy.RawModule(code=_code(directory, source),
+                                        options=(*COMPILE_OPTIONS, f"-I{directory}"),
+                                        name_expressions=name_expressions(source, scalar))
+                try:
+                    module.compile()
+                except Exception as exc:  # CuPy's CompileException
+                    if "cuda_fp16.h" not in str(exc):
+                        raise
+                    raise RuntimeError(
+                        "CuPy's NVRTC cannot find cuda_fp16.h, which roialign_cy's kernels include: "
+                        "install the CUDA toolkit headers (a CUDA toolkit with CUDA_PATH set, or the "
+                        "NVIDIA CUDA runtime header wheel from pip; see CuPy's installation guide)"
+                    ) from exc
+                _MODULES[key] = module
+    return module
+
+
+def _gpu_launch(source, scalar, name, grid, block, args):
+    _module(source, scalar).get_function(name)(grid, block, args)
+
+
+def _ops():
+    if not _GPU_OPS:
+        _GPU_OPS.append(_Ops(_cupy(), _gpu_launch))
+    return _GPU_OPS[0]
+
+
+def forward(features, rois, batch_idx, out, p):
+    with out.device:
+        _ops().forward(features, rois, batch_idx, out, p)
+
+
+def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
+    with grad_features.device:
+        _ops().backward_features(grad_out, features, rois, batch_idx, grad_features, p)
+
+
+def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
+    with grad_rois.device:
+        _ops().backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p)
+
+
+__all__ = ["forward", "backward_features", "backward_boxes", "source_dir", "name_expressions", "is_available"]

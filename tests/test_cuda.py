@@ -1,0 +1,551 @@
+"""The CUDA backend: its sources, their compilation, and its results against the CPU backend.
+
+Three levels, from what any machine can check to what needs a GPU:
+1. sources and compilation: the loader finds every file; nvcc (when installed) compiles every
+   kernel instantiation the loader asks for; NVRTC (when its library is found) compiles each
+   module exactly as CuPy will, name expressions included;
+2. host emulation (tests/cuda_host, needs g++): the same kernel sources compiled as C++ and driven
+   by the backend's own launch code (``_cuda._Ops``), compared with the CPU backend, and the
+   deterministic gradients checked to be independent of the order threads and blocks run in;
+3. on a GPU (marked ``gpu``; skipped with the reason when CuPy or a device is missing): the public
+   operators on cupy arrays against the same calls on numpy arrays (Caffe2's CheckCPUGPUEqual).
+"""
+import ctypes
+import ctypes.util
+import glob
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import edge_case_boxes, random_boxes, random_rotated_boxes, to_nhwc
+from cuda_host import emulator
+
+import roialign_cy
+from roialign_cy import _cpu, _cuda
+from roialign_cy._params import LAYOUTS, MODES, OpParams
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+GRADIENT_MODES = ("avg", "max")
+DTYPES = (np.float16, np.float32, np.float64)
+# max |gpu - cpu| <= TOL * max(1, max |cpu|): float16 outputs carry one half-precision rounding
+TOL = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-12}
+# (N, C, H, W) and spatial_scale; the one-row map clamps every sample vertically
+SHAPES = (((2, 3, 13, 11), 1.0), ((1, 2, 1, 7), 0.5))
+
+
+def cpu_dtype(dtype):
+    return np.float32 if dtype == np.float16 else dtype
+
+
+def assert_close(got, want, dtype, what):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    err = float(np.abs(got - want).max(initial=0.0))
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. sources and compilation
+
+
+def local_includes(path):
+    return re.findall(r'^\s*#include\s+"([^"]+)"', path.read_text(), flags=re.M)
+
+
+def test_source_dir_holds_exactly_the_sources_the_loader_needs():
+    d = _cuda.source_dir()
+    wanted = {*_cuda.SOURCES.values(), *_cuda.HEADERS}
+    present = {p.name for p in d.iterdir() if p.suffix in (".cu", ".cuh")}
+    # every file is shipped (setup.py packages *.cu, *.cuh) and hashed into CuPy's cache key
+    assert present == wanted
+    for name in wanted:
+        assert set(local_includes(d / name)) <= set(_cuda.HEADERS), name
+
+
+def test_source_dir_prefers_installed_package_data(tmp_path, monkeypatch):
+    installed = tmp_path / "cuda"
+    shutil.copytree(REPO / "cuda", installed)
+    # the wheel's roialign_cy/cuda has no __init__.py: a namespace package, a MultiplexedPath
+    from importlib.resources.readers import MultiplexedPath
+
+    monkeypatch.setattr(_cuda.importlib.resources, "files", lambda package: MultiplexedPath(installed))
+    assert _cuda.source_dir() == installed
+    (installed / _cuda.HEADERS[0]).unlink()  # an incomplete install: use the checkout
+    assert _cuda.source_dir() == REPO / "cuda"
+
+
+def test_name_expressions_name_kernels_defined_in_their_source():
+    for source in _cuda.SOURCES.values():
+        text = "".join((_cuda.source_dir() / f).read_text() for f in (source, *_cuda.HEADERS))
+        defined = set(re.findall(r"__global__\s+void\s+(\w+)\s*\(", text))
+        for scalar in _cuda.SCALARS.values():
+            names = _cuda.name_expressions(source, scalar)
+            assert len(names) == len(set(names))
+            assert {n.split("<")[0] for n in names} <= defined
+
+
+def test_module_code_changes_with_the_headers(tmp_path):
+    # CuPy caches binaries by source text: a header edit must change the text
+    shutil.copytree(REPO / "cuda", tmp_path / "cuda")
+    before = _cuda._code(tmp_path / "cuda", "roi_align.cu")
+    with open(tmp_path / "cuda" / "roi_common.cuh", "a") as f:
+        f.write("\n// edited\n")
+    assert _cuda._code(tmp_path / "cuda", "roi_align.cu") != before
+
+
+def all_instantiations_tu():
+    names = sorted({name for _, _, name in emulator.all_kernels()})
+    refs = ",\n".join(f"    (void*)&{name}" for name in names)
+    includes = "".join(f'#include "{s}"\n' for s in _cuda.SOURCES.values())
+    return f"{includes}void* roialign_cy_all_kernels[] = {{\n{refs}\n}};\n"
+
+
+def test_nvcc_compiles_every_instantiation(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    tu = tmp_path / "all_kernels.cu"
+    tu.write_text(all_instantiations_tu())
+    # taking each kernel's address instantiates it: one nvcc call compiles all of them for sm_90
+    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-Werror", "all-warnings", f"-I{_cuda.source_dir()}",
+           "-c", str(tu), "-o", str(tmp_path / "all_kernels.o")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def find_nvrtc():
+    """libnvrtc (and the directory of its builtins) from $ROIALIGN_CY_NVRTC, the NVIDIA wheels on
+    sys.path, the CUDA toolkit or the loader's search path; None when absent."""
+    found = [os.environ.get("ROIALIGN_CY_NVRTC", "")]
+    for entry in sys.path:
+        found += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib", "libnvrtc.so*")))
+    for root in (os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"):
+        found += sorted(glob.glob(os.path.join(root, "lib64", "libnvrtc.so*")))
+    found.append(ctypes.util.find_library("nvrtc") or "")
+    for path in found:
+        if path and (os.path.isfile(path) or not os.path.dirname(path)):
+            return path
+    return None
+
+
+def find_cuda_include():
+    """A directory holding cuda_fp16.h, which CuPy passes to NVRTC from the CUDA toolkit."""
+    roots = [os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    if shutil.which("nvcc"):
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
+    dirs = [os.path.join(r, "include") for r in roots if r]
+    for entry in sys.path:
+        dirs += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "include")))
+    return next((d for d in dirs if os.path.isfile(os.path.join(d, "cuda_fp16.h"))), None)
+
+
+def test_nvrtc_compiles_every_module_as_cupy_does():
+    lib_path, include = find_nvrtc(), find_cuda_include()
+    if lib_path is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set ROIALIGN_CY_NVRTC)")
+    if include is None:
+        pytest.skip("no CUDA include directory with cuda_fp16.h")
+    for builtins in glob.glob(os.path.join(os.path.dirname(lib_path), "libnvrtc-builtins.so*")):
+        if ".alt." not in builtins:
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+    nvrtc = ctypes.CDLL(lib_path)
+    d = _cuda.source_dir()
+    options = [*_cuda.COMPILE_OPTIONS, f"-I{d}", f"-I{include}", "-arch=compute_90"]
+    for source in _cuda.SOURCES.values():
+        for scalar in _cuda.SCALARS.values():
+            prog = ctypes.c_void_p()
+            assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), _cuda._code(d, source).encode(),
+                                            source.encode(), 0, None, None) == 0
+            names = _cuda.name_expressions(source, scalar)
+            for name in names:
+                assert nvrtc.nvrtcAddNameExpression(prog, name.encode()) == 0
+            opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+            rc = nvrtc.nvrtcCompileProgram(prog, len(options), opts)
+            size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            assert rc == 0, f"{source} / {scalar}:\n{log.value.decode()}"
+            for name in names:
+                lowered = ctypes.c_char_p()
+                assert nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)) == 0, name
+            nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def test_importing_the_package_and_backend_does_not_import_cupy():
+    code = "import sys, roialign_cy, roialign_cy._cuda; sys.exit('cupy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_missing_cupy_raises_an_import_error_naming_the_extras(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    with pytest.raises(ImportError, match=r"roialign_cy\[cuda12\].*roialign_cy\[cuda13\]"):
+        _cuda._cupy()
+    assert not _cuda.is_available()
+
+
+def test_compilation_is_cached_per_device_and_explains_missing_fp16_header(monkeypatch):
+    # a stand-in for CuPy, to check the loader's side of the RawModule calls without a GPU
+    compiled = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            self.args = (code, options, name_expressions)
+
+        def compile(self):
+            compiled.append(self.args)
+            if fail_with:
+                raise RuntimeError(fail_with)
+
+    device = types.SimpleNamespace(id=0)
+    fake = types.SimpleNamespace(RawModule=RawModule, cuda=types.SimpleNamespace(Device=lambda: device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_cuda, "_MODULES", {})
+    fail_with = None
+    first = _cuda._module("roi_align.cu", "float")
+    assert _cuda._module("roi_align.cu", "float") is first and len(compiled) == 1
+    code, options, names = compiled[0]
+    assert f"-I{_cuda.source_dir()}" in options and "-std=c++17" in options
+    assert names == _cuda.name_expressions("roi_align.cu", "float")
+    device.id = 1  # another device compiles its own module
+    assert _cuda._module("roi_align.cu", "float") is not first and len(compiled) == 2
+    fail_with = 'catastrophic error: cannot open source file "cuda_fp16.h"'
+    with pytest.raises(RuntimeError, match="CUDA toolkit headers"):
+        _cuda._module("roi_align_rotated.cu", "__half")
+
+
+def test_backend_cuda_refuses_numpy_arrays():
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(TypeError, match="cuda"):
+        roialign_cy.roi_align(x, np.array([[0, 0, 0, 2, 2]], np.float32), 2, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. host emulation of the kernels
+
+
+@pytest.fixture(scope="session")
+def emu_lib(request, tmp_path_factory):
+    if emulator.compiler() is None:
+        pytest.skip("no g++ to build the CUDA host emulation")
+    cache = request.config.cache
+    cache_dir = cache.mkdir("roialign_cuda_host") if cache is not None else tmp_path_factory.mktemp("emu")
+    return emulator.build(cache_dir)
+
+
+@pytest.fixture
+def emu(emu_lib):
+    return emulator.Emulator(emu_lib)
+
+
+def aligned_problem(rng, shape, dtype, layout, pooled=(3, 4)):
+    """(features, rois, batch_idx, grad_out) in the kernel dtype, and the same inputs for the
+    CPU backend (float32 where the kernels see float16)."""
+    N, C, H, W = shape
+    boxes = np.concatenate([edge_case_boxes(rng, N, H, W), random_boxes(rng, 6, N, H, W)])
+    return _problem(rng, shape, boxes, dtype, layout, pooled)
+
+
+def rotated_problem(rng, shape, dtype, layout, pooled=(3, 2)):
+    N, C, H, W = shape
+    return _problem(rng, shape, random_rotated_boxes(rng, 8, N, H, W), dtype, layout, pooled)
+
+
+def _problem(rng, shape, boxes, dtype, layout, pooled):
+    K = len(boxes)
+    x = rng.standard_normal(shape)
+    g = rng.standard_normal((K, shape[1], *pooled))
+    if layout == "NHWC":
+        x, g = to_nhwc(x), to_nhwc(g)
+    rois = np.ascontiguousarray(boxes[:, 1:], dtype=np.float32 if dtype == np.float16 else dtype)
+    batch_idx = boxes[:, 0].astype(np.int64)
+    kernel = (x.astype(dtype), rois, batch_idx, g.astype(dtype))
+    cpu = (kernel[0].astype(cpu_dtype(dtype)), rois.astype(cpu_dtype(dtype)), batch_idx,
+           kernel[3].astype(cpu_dtype(dtype)))
+    return kernel, cpu
+
+
+def run_all(ops, arrays, p, out_dtype):
+    """forward, feature gradient, box gradient (the latter two when p.mode has a gradient)."""
+    x, rois, batch_idx, g = arrays
+    out = np.empty(g.shape, out_dtype)
+    ops.forward(x, rois, batch_idx, out, p)
+    if p.mode not in GRADIENT_MODES:
+        return out, None, None
+    grad_x = np.zeros(x.shape, out_dtype)
+    ops.backward_features(g, x, rois, batch_idx, grad_x, p)
+    grad_rois = np.zeros_like(rois)
+    ops.backward_boxes(g, x, rois, batch_idx, grad_rois, p)
+    return out, grad_x, grad_rois
+
+
+def compare_with_cpu(ops, kernel, cpu, p, dtype):
+    got = run_all(ops, kernel, p, dtype)
+    want = run_all(_cpu, cpu, p, cpu_dtype(dtype))
+    for what, a, b in zip(("forward", "grad_features", "grad_boxes"), got, want):
+        if b is not None:
+            assert_close(a, b, dtype, what)
+
+
+@pytest.mark.parametrize("shape, scale", SHAPES)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("mode, deterministic", [(m, d) for m in MODES for d in (True, False)
+                                                  if m in GRADIENT_MODES or d])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_roi_align_matches_cpu(emu, rng, shape, scale, sampling_ratio, aligned, mode, deterministic,
+                                        layout, dtype):
+    kernel, cpu = aligned_problem(rng, shape, dtype, layout)
+    p = OpParams(3, 4, scale, sampling_ratio, aligned, mode, channels_last=layout == "NHWC",
+                 deterministic=deterministic)
+    compare_with_cpu(emu.ops, kernel, cpu, p, dtype)
+
+
+@pytest.mark.parametrize("shape, scale", SHAPES)
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("clockwise", [False, True])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_emulated_roi_align_rotated_matches_cpu(emu, rng, shape, scale, sampling_ratio, clockwise, aligned,
+                                                layout, dtype, deterministic):
+    kernel, cpu = rotated_problem(rng, shape, dtype, layout)
+    p = OpParams(3, 2, scale, sampling_ratio, aligned, channels_last=layout == "NHWC", rotated=True,
+                 clockwise=clockwise, deterministic=deterministic)
+    compare_with_cpu(emu.ops, kernel, cpu, p, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_emulated_gather_handles_extreme_geometry(emu, rng, aligned, dtype):
+    # the gather finds each box's samples near a pixel by inverting the sample grid (with a
+    # rounding margin): points, boxes on integer coordinates, sub-pixel boxes with dense grids,
+    # boxes far larger than the image or far away
+    H, W = 9, 8
+    boxes = np.array([
+        [0, 3, 3, 3, 3], [0, 2, 1, 2, 6], [0, 1, 1, 5, 7], [0, 0, 0, W, H], [0, 4.2, 3.1, 4.2001, 3.1002],
+        [0, -3, -2, -0.5, -1], [0, W - 1, H - 1, W + 1, H], [0, 6, 5, 2, 1], [0, 5e6, 5e6, 5e6 + 3, 5e6 + 2],
+        # a few float32 ulps wide, straddling pixel edges: rounding decides on which side of the
+        # edge each of the collapsed samples lands, and the gather must agree with the scatter
+        *([0, c - d, c + 0.5 - d, c + d, c + 0.5 + d] for c in (1.0, 4.0, 4.5, 6.5) for d in (3e-7, 9e-7)),
+        [0, -1e4, -1e4, 1e4, 1e4],  # last: fixed ratios only (adaptive would take 1e8 samples per bin)
+    ])
+    for sampling_ratio in (-1, 1, 5):
+        subset = boxes[:-1] if sampling_ratio <= 0 else boxes
+        kernel, cpu = _problem(rng, (1, 2, H, W), subset, dtype, "NCHW", (3, 2))
+        for deterministic in (True, False):
+            p = OpParams(3, 2, 1.0, sampling_ratio, aligned, deterministic=deterministic)
+            compare_with_cpu(emu.ops, kernel, cpu, p, dtype)
+
+
+def test_emulated_empty_inputs_launch_nothing(emu):
+    p = OpParams(2, 2, 1.0, -1, True)
+    x = np.ones((1, 2, 5, 5), np.float32)
+    rois, batch_idx = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    emu.ops.forward(x, rois, batch_idx, np.empty((0, 2, 2, 2), np.float32), p)
+    grad_x = np.zeros_like(x)
+    emu.ops.backward_features(np.empty((0, 2, 2, 2), np.float32), x, rois, batch_idx, grad_x, p)
+    emu.ops.backward_boxes(np.empty((0, 2, 2, 2), np.float32), x, rois, batch_idx, np.zeros_like(rois), p)
+    assert emu.launches == [] and not grad_x.any()
+
+
+def test_emulated_launches_check_argument_types(emu):
+    # the emulator refuses arguments whose type differs from the kernel's parameter: the check
+    # that guards every launch of the tests above
+    x = np.ones((1, 1, 4, 4), np.float32)
+    rois = np.array([[0, 0, 2, 2]], np.float32)
+    call = _cuda._Call(x.shape, x.dtype, rois, np.zeros(1, np.int64), OpParams(2, 2, 1.0, -1, True))
+    args = [x, *call.problem, np.empty((1, 1, 2, 2), np.float32)]
+    args[5] = np.int64(4)  # H as int64 where the kernel takes int
+    with pytest.raises(emulator.KernelError, match="argument 5 is i8"):
+        emu.launch(call.source, call.scalar, call.name("forward"), (1,), (_cuda.THREADS,), args)
+    with pytest.raises(emulator.KernelError, match="not compiled into the module"):
+        emu.launch(call.source, "double", call.name("forward"), (1,), (_cuda.THREADS,), args)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rotated", [False, True])
+def test_emulated_deterministic_gradients_ignore_scheduling(emu_lib, rng, monkeypatch, layout, rotated):
+    # Large overlapping boxes: many terms per gradient element. Shuffling the order of blocks and
+    # threads, or looping everything through one block, must not change a bit.
+    N, C, H, W = 2, 3, 20, 17
+    if rotated:
+        boxes = random_rotated_boxes(rng, 12, N, H, W)
+        boxes[:, 3:5] *= 1.5
+    else:
+        boxes = random_boxes(rng, 12, N, H, W)
+    (x, rois, batch_idx, g), _ = _problem(rng, (N, C, H, W), boxes, np.float32, layout, (4, 3))
+    mode = "avg" if rotated else "max"
+    p = OpParams(4, 3, 1.0, 2, True, mode, channels_last=layout == "NHWC", rotated=rotated)
+
+    def gradients(seed):
+        ops = emulator.Emulator(emu_lib, seed).ops
+        grad_x, grad_rois = np.zeros_like(x), np.zeros_like(rois)
+        ops.backward_features(g, x, rois, batch_idx, grad_x, p)
+        ops.backward_boxes(g, x, rois, batch_idx, grad_rois, p)
+        return grad_x.tobytes() + grad_rois.tobytes()
+
+    first = gradients(0)
+    assert all(gradients(seed) == first for seed in (1, 2))
+    monkeypatch.setattr(_cuda, "MAX_BLOCKS", 1)
+    assert gradients(3) == first
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. on a GPU: cupy arrays through the public API against numpy arrays
+
+
+@pytest.fixture(scope="module")
+def cp():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install roialign_cy[cuda12] or [cuda13])")
+    if not _cuda.is_available():
+        pytest.skip("CuPy is installed but sees no CUDA device")
+    return cupy
+
+
+def gpu_vs_cpu_inputs(cp, x, boxes, g, dtype):
+    """(gpu features, gpu boxes, gpu grad) and their CPU counterparts holding the same values."""
+    xk, gk = x.astype(dtype), g.astype(dtype)
+    box_dtype = np.float32 if dtype == np.float16 else dtype
+    bk = boxes.astype(box_dtype)
+    return ((cp.asarray(xk), cp.asarray(bk), cp.asarray(gk)),
+            (xk.astype(cpu_dtype(dtype)), bk.astype(cpu_dtype(dtype)), gk.astype(cpu_dtype(dtype))))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("boxes_kind", ["edge", "random"])
+@pytest.mark.parametrize("shape, scale", SHAPES + (((3, 5, 40, 33), 0.25),))
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_roi_align_matches_cpu(cp, rng, boxes_kind, shape, scale, sampling_ratio, aligned, mode, layout,
+                                   dtype):
+    N, C, H, W = shape
+    if boxes_kind == "edge":
+        boxes = edge_case_boxes(rng, N, H, W, scale)
+    else:
+        boxes = random_boxes(rng, 9, N, H, W, scale)
+    x = rng.standard_normal(shape)
+    g = rng.standard_normal((len(boxes), C, 3, 4))
+    if layout == "NHWC":
+        x, g = to_nhwc(x), to_nhwc(g)
+    gpu, cpu = gpu_vs_cpu_inputs(cp, x, boxes, g, dtype)
+    kw = dict(output_size=(3, 4), spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=aligned, mode=mode,
+              layout=layout)
+    want = roialign_cy.roi_align(cpu[0], cpu[1], **kw)
+    got = roialign_cy.roi_align(gpu[0], gpu[1], **kw)
+    assert isinstance(got, cp.ndarray) and got.dtype == dtype
+    assert_close(cp.asnumpy(got), want, dtype, "forward")
+    if mode not in GRADIENT_MODES:
+        return
+    want_x, want_b = roialign_cy.roi_align_backward(cpu[2], cpu[0], cpu[1], wrt="both", **kw)
+    for deterministic in (True, False):
+        got_x, got_b = roialign_cy.roi_align_backward(gpu[2], gpu[0], gpu[1], wrt="both",
+                                                      deterministic=deterministic, **kw)
+        assert_close(cp.asnumpy(got_x), want_x, dtype, f"grad_features deterministic={deterministic}")
+        assert_close(cp.asnumpy(got_b), want_b, dtype, "grad_boxes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, scale", SHAPES + (((3, 5, 40, 33), 0.25),))
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("clockwise", [False, True])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_roi_align_rotated_matches_cpu(cp, rng, shape, scale, sampling_ratio, clockwise, aligned, layout,
+                                           dtype):
+    N, C, H, W = shape
+    boxes = random_rotated_boxes(rng, 9, N, H, W, scale)
+    x = rng.standard_normal(shape)
+    g = rng.standard_normal((len(boxes), C, 3, 2))
+    if layout == "NHWC":
+        x, g = to_nhwc(x), to_nhwc(g)
+    gpu, cpu = gpu_vs_cpu_inputs(cp, x, boxes, g, dtype)
+    kw = dict(output_size=(3, 2), spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=aligned,
+              clockwise=clockwise, layout=layout)
+    want = roialign_cy.roi_align_rotated(cpu[0], cpu[1], **kw)
+    assert_close(cp.asnumpy(roialign_cy.roi_align_rotated(gpu[0], gpu[1], **kw)), want, dtype, "forward")
+    want_x, want_b = roialign_cy.roi_align_rotated_backward(cpu[2], cpu[0], cpu[1], wrt="both", **kw)
+    for deterministic in (True, False):
+        got_x, got_b = roialign_cy.roi_align_rotated_backward(gpu[2], gpu[0], gpu[1], wrt="both",
+                                                              deterministic=deterministic, **kw)
+        assert_close(cp.asnumpy(got_x), want_x, dtype, f"grad_features deterministic={deterministic}")
+        assert_close(cp.asnumpy(got_b), want_b, dtype, "grad_boxes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rotated", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_deterministic_gradients_are_bit_identical(cp, rng, monkeypatch, rotated, layout):
+    N, C, H, W = 2, 8, 48, 40
+    if rotated:
+        boxes, op = random_rotated_boxes(rng, 64, N, H, W), roialign_cy.roi_align_rotated_backward
+        kw = {}
+    else:
+        boxes, op = random_boxes(rng, 64, N, H, W), roialign_cy.roi_align_backward
+        kw = {"mode": "max"}
+    x = cp.asarray(rng.standard_normal((N, C, H, W)).astype(np.float32))
+    g = cp.asarray(rng.standard_normal((len(boxes), C, 7, 7)).astype(np.float32))
+    if layout == "NHWC":
+        x, g = cp.ascontiguousarray(cp.moveaxis(x, 1, -1)), cp.ascontiguousarray(cp.moveaxis(g, 1, -1))
+    b = cp.asarray(boxes.astype(np.float32))
+
+    def bits():
+        gx, gb = op(g, x, b, 7, 1.0, 2, True, layout=layout, wrt="both", **kw)
+        return cp.asnumpy(gx).tobytes() + cp.asnumpy(gb).tobytes()
+
+    first = bits()
+    assert bits() == first
+    monkeypatch.setattr(_cuda, "MAX_BLOCKS", 3)  # another launch configuration: same bits
+    assert bits() == first
+
+
+@pytest.mark.gpu
+def test_gpu_runs_on_the_current_stream_and_shape_only_features(cp, rng):
+    x = rng.standard_normal((2, 3, 16, 12)).astype(np.float32)
+    boxes = random_boxes(rng, 5, 2, 16, 12)
+    g = rng.standard_normal((5, 3, 2, 2)).astype(np.float32)
+    want = roialign_cy.roi_align_backward(g, x.shape, boxes.astype(np.float32), 2, aligned=True)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        got = roialign_cy.roi_align_backward(cp.asarray(g), x.shape, cp.asarray(boxes.astype(np.float32)), 2,
+                                             aligned=True)
+        stream.synchronize()
+    assert_close(cp.asnumpy(got), want, np.float32, "grad_features from the shape only")
+
+
+@pytest.mark.gpu
+def test_gpu_uses_the_device_of_the_arrays(cp, rng):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    x = rng.standard_normal((1, 2, 9, 9)).astype(np.float32)
+    boxes = random_boxes(rng, 4, 1, 9, 9).astype(np.float32)
+    want = roialign_cy.roi_align(x, boxes, 3)
+    with cp.cuda.Device(1):
+        xg, bg = cp.asarray(x), cp.asarray(boxes)
+    with cp.cuda.Device(0):
+        got = roialign_cy.roi_align(xg, bg, 3)
+    assert got.device.id == 1
+    assert_close(cp.asnumpy(got), want, np.float32, "forward on device 1")
+
+
+@pytest.mark.gpu
+def test_gpu_refuses_mixed_arrays(cp):
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    boxes = cp.asarray(np.array([[0, 0, 0, 2, 2]], np.float32))
+    with pytest.raises(TypeError, match="cannot mix"):
+        roialign_cy.roi_align(x, boxes, 2)
+    with pytest.raises(TypeError, match="cannot mix"):
+        roialign_cy.roi_align_backward(cp.zeros((1, 1, 2, 2), cp.float32), x, boxes, 2)
