@@ -77,8 +77,13 @@ def test_source_dir_prefers_installed_package_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_cuda.importlib.resources, "files", lambda package: MultiplexedPath(installed))
     assert _cuda.source_dir() == installed
-    (installed / _cuda.HEADERS[0]).unlink()  # an incomplete install: use the checkout
-    assert _cuda.source_dir() == REPO / "cuda"
+    (installed / _cuda.HEADERS[0]).unlink()  # an incomplete install: use the checkout, if any
+    checkout = pathlib.Path(_cuda.__file__).resolve().parent.parent / "cuda"
+    if checkout.is_dir():
+        assert _cuda.source_dir() == checkout
+    else:  # imported from an installed wheel: nothing to fall back on
+        with pytest.raises(FileNotFoundError, match="reinstall"):
+            _cuda.source_dir()
 
 
 def test_name_expressions_name_kernels_defined_in_their_source():
