@@ -136,7 +136,8 @@ def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
     n, c, h, w = _shape(features, p)
     for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,
                                                                    n_threads):
-        _roi_align.backward_boxes(grad_out, features, rois, batch_idx, order, j0, j1, gh, gw, t,
+        _roi_align.backward_boxes(grad_out, features, rois, batch_idx, order, img_start, j0, j1,
+                                  gh, gw, t,
                                   grad_rois, p.spatial_scale, p.aligned, _MODE[p.mode],
                                   p.channels_last, n_threads)
 

@@ -548,25 +548,67 @@ cdef void box_grad_channel(const floating* plane, Py_ssize_t cs, Py_ssize_t W, c
                     acc[3] += dx * sample_fraction(pw, ix, gw, PW)
 
 
-cdef void box_grad(const floating[:, ::1] rois, floating[:, ::1] grad_rois, Py_ssize_t k,
-                   const floating* image, Py_ssize_t plane_stride, Py_ssize_t cs, Py_ssize_t C,
-                   Py_ssize_t W, const floating* g, Py_ssize_t g_plane_stride, Py_ssize_t gs,
-                   Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw,
-                   const Py_ssize_t* ylo, const Py_ssize_t* yhi, const floating* wy0,
-                   const floating* wy1, const floating* sy, const Py_ssize_t* xlo,
-                   const Py_ssize_t* xhi, const floating* wx0, const floating* wx1,
-                   const floating* sx, double scale, bint aligned, int mode) noexcept nogil:
-    """Gradient of one box: chain rule from the samples to (x1, y1, x2, y2) (spec section 5).
+cdef void box_grad_lanes(const floating* block, Py_ssize_t W, const floating* g, Py_ssize_t PH,
+                         Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw, const Py_ssize_t* ylo,
+                         const Py_ssize_t* yhi, const floating* wy0, const floating* wy1,
+                         const floating* sy, const Py_ssize_t* xlo, const Py_ssize_t* xhi,
+                         const floating* wx0, const floating* wx1, const floating* sx,
+                         double* acc) noexcept nogil:
+    """Average mode box_grad_channel for LANES interleaved channels at once (vector code): block
+    holds pixel (y, x) at (y * W + x) * LANES, g bin b at b * LANES."""
+    cdef Py_ssize_t ph, pw, iy, ix, a, b, cc
+    cdef const floating* p00
+    cdef const floating* p01
+    cdef const floating* p10
+    cdef const floating* p11
+    cdef const floating* gb
+    cdef double dy, dx, ty, tx, fy, fx, inv_count
+    cdef double ay[LANES]
+    cdef double aty[LANES]
+    cdef double ax[LANES]
+    cdef double atx[LANES]
+    if gh == 0 or gw == 0:
+        return
+    inv_count = 1.0 / <double>(gh * gw)
+    for cc in range(LANES):
+        ay[cc] = aty[cc] = ax[cc] = atx[cc] = 0
+    for ph in range(PH):
+        for pw in range(PW):
+            gb = g + (ph * PW + pw) * LANES
+            for iy in range(gh):
+                a = ph * gh + iy
+                ty = sample_fraction(ph, iy, gh, PH)
+                for ix in range(gw):
+                    b = pw * gw + ix
+                    tx = sample_fraction(pw, ix, gw, PW)
+                    fy = sy[a] * inv_count
+                    fx = sx[b] * inv_count
+                    p00 = block + (ylo[a] * W + xlo[b]) * LANES
+                    p01 = block + (ylo[a] * W + xhi[b]) * LANES
+                    p10 = block + (yhi[a] * W + xlo[b]) * LANES
+                    p11 = block + (yhi[a] * W + xhi[b]) * LANES
+                    for cc in range(LANES):
+                        dy = gb[cc] * fy * ((wx0[b] * p10[cc] + wx1[b] * p11[cc]) - (wx0[b] * p00[cc] + wx1[b] * p01[cc]))
+                        dx = gb[cc] * fx * (wy0[a] * (p01[cc] - p00[cc]) + wy1[a] * (p11[cc] - p10[cc]))
+                        ay[cc] += dy
+                        aty[cc] += dy * ty
+                        ax[cc] += dx
+                        atx[cc] += dx * tx
+    for cc in range(LANES):
+        acc[0] += ay[cc]
+        acc[1] += aty[cc]
+        acc[2] += ax[cc]
+        acc[3] += atx[cc]
+
+
+cdef void finish_box_grad(const floating[:, ::1] rois, floating[:, ::1] grad_rois, Py_ssize_t k,
+                          const double* acc, Py_ssize_t PH, Py_ssize_t PW, double scale,
+                          bint aligned) noexcept nogil:
+    """Chain rule from the sample sums of box_grad_channel to (x1, y1, x2, y2) (spec section 5).
     A sample at start + t * roi_size moves by scale * (1 - t) with the low corner and scale * t
     with the high one, unless the roi size was clamped to 1 (then only the low corner moves it)."""
-    cdef double acc[4]
-    cdef Py_ssize_t c
     cdef floating start, bin_size
     cdef bint clamped_y, clamped_x
-    acc[0] = acc[1] = acc[2] = acc[3] = 0
-    for c in range(C):
-        box_grad_channel(image + c * plane_stride, cs, W, g + c * g_plane_stride, gs, PH, PW,
-                         gh, gw, ylo, yhi, wy0, wy1, sy, xlo, xhi, wx0, wx1, sx, mode, acc)
     roi_axis(rois[k, 1], rois[k, 3], scale, aligned, PH, &start, &bin_size, &clamped_y)
     roi_axis(rois[k, 0], rois[k, 2], scale, aligned, PW, &start, &bin_size, &clamped_x)
     if clamped_x:
@@ -581,35 +623,93 @@ cdef void box_grad(const floating[:, ::1] rois, floating[:, ::1] grad_rois, Py_s
         grad_rois[k, 3] += <floating>(scale * acc[1])
 
 
+cdef void box_grad_nhwc(const floating[:, ::1] rois, floating[:, ::1] grad_rois, Py_ssize_t k,
+                        const floating* image, Py_ssize_t C, Py_ssize_t W, const floating* g,
+                        Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw,
+                        const Py_ssize_t* ylo, const Py_ssize_t* yhi, const floating* wy0,
+                        const floating* wy1, const floating* sy, const Py_ssize_t* xlo,
+                        const Py_ssize_t* xhi, const floating* wx0, const floating* wx1,
+                        const floating* sx, double scale, bint aligned, int mode) noexcept nogil:
+    cdef double acc[4]
+    cdef Py_ssize_t c
+    acc[0] = acc[1] = acc[2] = acc[3] = 0
+    for c in range(C):
+        box_grad_channel(image + c, C, W, g + c, C, PH, PW, gh, gw, ylo, yhi, wy0, wy1, sy, xlo,
+                         xhi, wx0, wx1, sx, mode, acc)
+    finish_box_grad(rois, grad_rois, k, acc, PH, PW, scale, aligned)
+
+
 def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] features,
                    const floating[:, ::1] rois, const int64_t[::1] batch_idx,
-                   const int64_t[::1] order, Py_ssize_t j0, Py_ssize_t j1,
-                   const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
+                   const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
+                   Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
                    floating[:, ::1] grad_rois, double scale, bint aligned, int mode,
                    bint channels_last, int n_threads):
-    """Add d(sum(grad_out * out)) / d(x1, y1, x2, y2) of the boxes at sorted positions j0..j1;
-    one thread per box, so the result does not depend on the thread count."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, q
+    """Add d(sum(grad_out * out)) / d(x1, y1, x2, y2) of the boxes at sorted positions j0..j1.
+    NHWC: one thread per box. NCHW: one task per (image, block of LANES planes) from
+    channels-last scratch, each writing its own partial sums per box, then added up per box in
+    block order. Either way the result does not depend on the thread count."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, q, n, c, nb, cc, lo, hi, task, blocks, i
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef const Py_ssize_t[::1] ylo = t.ylo, yhi = t.yhi, xlo = t.xlo, xhi = t.xhi
     cdef const Py_ssize_t[::1] yoff = t.yoff, xoff = t.xoff
     cdef const floating[::1] wy0 = t.wy0, wy1 = t.wy1, wx0 = t.wx0, wx1 = t.wx1
     cdef const floating[::1] sy = t.sy, sx = t.sx
-    cdef Py_ssize_t plane_stride, cs, g_plane_stride, gs, image_stride
+    cdef floating* scratch
+    cdef floating* gbuf
+    cdef double[::1] partial
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         PH, PW = grad_out.shape[1], grad_out.shape[2]
-        plane_stride, cs, g_plane_stride, gs = 1, C, 1, C
-    else:
-        N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
-        PH, PW = grad_out.shape[2], grad_out.shape[3]
-        plane_stride, cs, g_plane_stride, gs = H * W, 1, PH * PW, 1
-    image_stride = C * H * W
-    for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
-        k = order[j]
+        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
+            k = order[j]
+            q = j - j0
+            box_grad_nhwc(rois, grad_rois, k, X + batch_idx[k] * H * W * C, C, W,
+                          GO + k * PH * PW * C, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
+                          &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]],
+                          &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]],
+                          &sx[xoff[q]], scale, aligned, mode)
+        return
+    N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
+    PH, PW = grad_out.shape[2], grad_out.shape[3]
+    blocks = (C + LANES - 1) // LANES
+    partial = np.zeros((j1 - j0) * blocks * 4 + 1)
+    with nogil, parallel(num_threads=n_threads):
+        scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+        gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        for task in prange(N * blocks, schedule="dynamic"):
+            n = task // blocks
+            c = (task % blocks) * LANES
+            nb = C - c if C - c < LANES else LANES
+            interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+            memset(gbuf, 0, PH * PW * LANES * sizeof(floating))
+            lo = img_start[n] if img_start[n] > j0 else j0
+            hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
+            for j in range(lo, hi):
+                k = order[j]
+                q = j - j0
+                if mode == MODE_AVG:
+                    for cc in range(nb):
+                        for i in range(PH * PW):
+                            gbuf[i * LANES + cc] = GO[(k * C + c + cc) * PH * PW + i]
+                    box_grad_lanes(scratch, W, gbuf, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
+                                   &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]],
+                                   &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]],
+                                   &sx[xoff[q]], &partial[(q * blocks + task % blocks) * 4])
+                    continue
+                for cc in range(nb):
+                    box_grad_channel(scratch + cc, LANES, W, GO + (k * C + c + cc) * PH * PW, 1,
+                                     PH, PW, gh[k], gw[k], &ylo[yoff[q]], &yhi[yoff[q]],
+                                     &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]], &xlo[xoff[q]],
+                                     &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], &sx[xoff[q]],
+                                     mode, &partial[(q * blocks + task % blocks) * 4])
+        free(scratch)
+        free(gbuf)
+    for j in prange(j0, j1, nogil=True, schedule="static", num_threads=n_threads):
         q = j - j0
-        box_grad(rois, grad_rois, k, X + batch_idx[k] * image_stride, plane_stride, cs, C, W,
-                 GO + k * C * PH * PW, g_plane_stride, gs, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
-                 &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]], &xlo[xoff[q]],
-                 &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], &sx[xoff[q]], scale, aligned, mode)
+        for i in range(1, blocks):
+            for cc in range(4):
+                partial[q * blocks * 4 + cc] += partial[(q * blocks + i) * 4 + cc]
+        finish_box_grad(rois, grad_rois, order[j], &partial[q * blocks * 4], PH, PW, scale,
+                        aligned)
