@@ -129,9 +129,10 @@ def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
     if p.rotated:
         gh, gw = _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
                                                p.sampling_ratio, p.aligned)
-        _roi_align_rotated.backward_boxes(grad_out, features, rois, batch_idx, gh, gw, grad_rois,
-                                          p.spatial_scale, p.aligned, p.clockwise,
-                                          p.channels_last, n_threads)
+        order, img_start = _group_by_image(batch_idx, features.shape[0])
+        _roi_align_rotated.backward_boxes(grad_out, features, rois, batch_idx, order, img_start,
+                                          gh, gw, grad_rois, p.spatial_scale, p.aligned,
+                                          p.clockwise, p.channels_last, n_threads)
         return
     n, c, h, w = _shape(features, p)
     for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,

@@ -313,20 +313,65 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
 # ---------------------------------------------------------------------------------------------
 # gradient with respect to the boxes
 
-cdef void box_grad(const floating* roi, floating* groi, const floating* image, Py_ssize_t cs,
+cdef inline void channel_sums(const floating* image, Py_ssize_t cs, Py_ssize_t chs, Py_ssize_t C,
+                              Py_ssize_t W, const floating* g, Py_ssize_t gc, Py_ssize_t y0,
+                              Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, floating a0,
+                              floating a1, floating b0, floating b1, double* dvy,
+                              double* dvx) noexcept nogil:
+    """Sum over channels of g * dv/d(ly) and g * dv/d(lx) of one sample. Pixel (y, x) of
+    channel c is image[(y * W + x) * cs + c * chs]; its bin's gradient is g[c * gc]."""
+    cdef Py_ssize_t c
+    cdef const floating* p00 = image + (y0 * W + x0) * cs
+    cdef const floating* p01 = image + (y0 * W + x1) * cs
+    cdef const floating* p10 = image + (y1 * W + x0) * cs
+    cdef const floating* p11 = image + (y1 * W + x1) * cs
+    cdef double sy = 0, sx = 0
+    for c in range(C):
+        sy += g[c * gc] * ((b0 * p10[c * chs] + b1 * p11[c * chs]) - (b0 * p00[c * chs] + b1 * p01[c * chs]))
+        sx += g[c * gc] * (a0 * (p01[c * chs] - p00[c * chs]) + a1 * (p11[c * chs] - p10[c * chs]))
+    dvy[0] = sy
+    dvx[0] = sx
+
+
+cdef inline void lane_sums(const floating* block, Py_ssize_t W, const floating* g, Py_ssize_t y0,
+                           Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, floating a0, floating a1,
+                           floating b0, floating b1, double* dvy, double* dvx) noexcept nogil:
+    """channel_sums over the LANES channels of an interleaved block (vector code)."""
+    cdef Py_ssize_t c
+    cdef const floating* p00 = block + (y0 * W + x0) * LANES
+    cdef const floating* p01 = block + (y0 * W + x1) * LANES
+    cdef const floating* p10 = block + (y1 * W + x0) * LANES
+    cdef const floating* p11 = block + (y1 * W + x1) * LANES
+    cdef floating sy[LANES]
+    cdef floating sx[LANES]
+    cdef double ty = 0, tx = 0
+    for c in range(LANES):
+        sy[c] = g[c] * ((b0 * p10[c] + b1 * p11[c]) - (b0 * p00[c] + b1 * p01[c]))
+        sx[c] = g[c] * (a0 * (p01[c] - p00[c]) + a1 * (p11[c] - p10[c]))
+    for c in range(LANES):
+        ty += sy[c]
+        tx += sx[c]
+    dvy[0] = ty
+    dvx[0] = tx
+
+
+cdef void box_grad(const floating* roi, double* acc, const floating* image, Py_ssize_t cs,
                    Py_ssize_t chs, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, const floating* g,
-                   Py_ssize_t gb, Py_ssize_t gc, Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh,
-                   Py_ssize_t gw, double scale, bint aligned, bint clockwise) noexcept nogil:
-    """d(sum g * out) / d(cx, cy, w, h, angle) of one box. Pixel (y, x) of channel c is
-    image[(y * W + x) * cs + c * chs]; bin b of channel c is g[b * gb + c * gc].
+                   Py_ssize_t gb, Py_ssize_t gc, bint lanes, Py_ssize_t PH, Py_ssize_t PW,
+                   Py_ssize_t gh, Py_ssize_t gw, double scale, bint aligned,
+                   bint clockwise) noexcept nogil:
+    """Add to acc[0..4] the gradient of sum g * out with respect to (cx, cy, w, h, angle) of one
+    box. ``lanes``: image is an interleaved block of LANES channels and g holds bin b at
+    b * LANES; otherwise channel c of pixel (y, x) is image[(y * W + x) * cs + c * chs] and of
+    bin b is g[b * gb + c * gc].
 
     Per sample: S = sum over channels of g * dv/d(y, x); then the chain rule through
     y = yy cos - xx sin + cy, x = yy sin + xx cos + cx, with yy = roi_h * (t_y - 1/2) and
     xx = roi_w * (t_x - 1/2)."""
     cdef Frame f = box_frame(roi, scale, aligned, clockwise)
-    cdef Py_ssize_t ph, pw, iy, ix, c, y0, y1, x0, x1, count = gh * gw
+    cdef Py_ssize_t ph, pw, iy, ix, y0, y1, x0, x1, count = gh * gw
     cdef floating y, x, yy, xx, a0, a1, b0, b1, sy, sx
-    cdef double v00, v01, v10, v11, gv, dvy, dvx, ty, tx, inv_count
+    cdef double dvy, dvx, ty, tx, inv_count
     cdef double acc_cx = 0, acc_cy = 0, acc_w = 0, acc_h = 0, acc_t = 0
     cdef double dtheta = (M_PI / 180.0) * (-1.0 if clockwise else 1.0)
     if count == 0:
@@ -342,16 +387,12 @@ cdef void box_grad(const floating* roi, floating* groi, const floating* image, P
                         continue
                     if sy == 0 and sx == 0:
                         continue
-                    dvy = 0
-                    dvx = 0
-                    for c in range(C):
-                        gv = g[(ph * PW + pw) * gb + c * gc]
-                        v00 = image[(y0 * W + x0) * cs + c * chs]
-                        v01 = image[(y0 * W + x1) * cs + c * chs]
-                        v10 = image[(y1 * W + x0) * cs + c * chs]
-                        v11 = image[(y1 * W + x1) * cs + c * chs]
-                        dvy += gv * ((b0 * v10 + b1 * v11) - (b0 * v00 + b1 * v01))
-                        dvx += gv * (a0 * (v01 - v00) + a1 * (v11 - v10))
+                    if lanes:
+                        lane_sums(image, W, g + (ph * PW + pw) * LANES, y0, y1, x0, x1, a0, a1,
+                                  b0, b1, &dvy, &dvx)
+                    else:
+                        channel_sums(image, cs, chs, C, W, g + (ph * PW + pw) * gb, gc, y0, y1,
+                                     x0, x1, a0, a1, b0, b1, &dvy, &dvx)
                     dvy *= sy * inv_count
                     dvx *= sx * inv_count
                     ty = sample_fraction(ph, iy, gh, PH) - 0.5
@@ -361,32 +402,72 @@ cdef void box_grad(const floating* roi, floating* groi, const floating* image, P
                     acc_h += ty * (dvy * f.cos_t + dvx * f.sin_t)
                     acc_w += tx * (-dvy * f.sin_t + dvx * f.cos_t)
                     acc_t += dvy * (-yy * f.sin_t - xx * f.cos_t) + dvx * (yy * f.cos_t - xx * f.sin_t)
-    groi[0] += <floating>(scale * acc_cx)
-    groi[1] += <floating>(scale * acc_cy)
+    acc[0] += scale * acc_cx
+    acc[1] += scale * acc_cy
     if not f.clamped_w:
-        groi[2] += <floating>(scale * acc_w)
+        acc[2] += scale * acc_w
     if not f.clamped_h:
-        groi[3] += <floating>(scale * acc_h)
-    groi[4] += <floating>(dtheta * acc_t)
+        acc[3] += scale * acc_h
+    acc[4] += dtheta * acc_t
 
 
 def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] features,
                    const floating[:, ::1] rois, const int64_t[::1] batch_idx,
+                   const int64_t[::1] order, const int64_t[::1] img_start,
                    const int64_t[::1] gh, const int64_t[::1] gw, floating[:, ::1] grad_rois,
                    double scale, bint aligned, bint clockwise, bint channels_last, int n_threads):
-    """One thread per box, so the result does not depend on the thread count."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, k, K = rois.shape[0]
-    cdef Py_ssize_t cs, chs, gb, gc
+    """NHWC: one thread per box. NCHW: one task per (image, block of LANES planes) from
+    channels-last scratch, each writing its own partial sums per box, then added up per box in
+    block order. Either way the result does not depend on the thread count."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, K = rois.shape[0], n, c, nb, cc, i, task, blocks
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef const floating* X = &features[0, 0, 0, 0]
+    cdef floating* scratch
+    cdef floating* gbuf
+    cdef double[:, ::1] partial
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         PH, PW = grad_out.shape[1], grad_out.shape[2]
-        cs, chs, gb, gc = C, 1, C, 1
+        blocks = 1
+        partial = np.zeros((K, 5))
+        for k in prange(K, nogil=True, schedule="dynamic", num_threads=n_threads):
+            box_grad(&rois[k, 0], &partial[k, 0], X + batch_idx[k] * H * W * C, C, 1, C, H, W,
+                     GO + k * PH * PW * C, C, 1, False, PH, PW, gh[k], gw[k], scale, aligned,
+                     clockwise)
     else:
         N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         PH, PW = grad_out.shape[2], grad_out.shape[3]
-        cs, chs, gb, gc = 1, H * W, 1, PH * PW
-    for k in prange(K, nogil=True, schedule="dynamic", num_threads=n_threads):
-        box_grad(&rois[k, 0], &grad_rois[k, 0], X + batch_idx[k] * C * H * W, cs, chs, C, H, W,
-                 GO + k * C * PH * PW, gb, gc, PH, PW, gh[k], gw[k], scale, aligned, clockwise)
+        blocks = (C + LANES - 1) // LANES
+        partial = np.zeros((K * blocks, 5))
+        with nogil, parallel(num_threads=n_threads):
+            scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+            gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+            for task in prange(N * blocks, schedule="dynamic"):
+                n = task // blocks
+                c = (task % blocks) * LANES
+                nb = C - c if C - c < LANES else LANES
+                interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+                memset(gbuf, 0, PH * PW * LANES * sizeof(floating))
+                for j in range(img_start[n], img_start[n + 1]):
+                    k = order[j]
+                    for cc in range(nb):
+                        for i in range(PH * PW):
+                            gbuf[i * LANES + cc] = GO[(k * C + c + cc) * PH * PW + i]
+                    box_grad(&rois[k, 0], &partial[k * blocks + task % blocks, 0], scratch, 0, 0,
+                             LANES, H, W, gbuf, 0, 0, True, PH, PW, gh[k], gw[k], scale, aligned,
+                             clockwise)
+            free(scratch)
+            free(gbuf)
+    for k in prange(K, nogil=True, schedule="static", num_threads=n_threads):
+        add_partials(&grad_rois[k, 0], &partial[k * blocks, 0], blocks)
+
+
+cdef void add_partials(floating* groi, const double* partial, Py_ssize_t blocks) noexcept nogil:
+    """groi[i] += sum over blocks of partial[b, i], in block order."""
+    cdef Py_ssize_t i, b
+    cdef double acc
+    for i in range(5):
+        acc = 0
+        for b in range(blocks):
+            acc += partial[b * 5 + i]
+        groi[i] += <floating>acc
