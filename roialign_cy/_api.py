@@ -39,6 +39,7 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     box_dtype = np.float32 if dtype == np.float16 else dtype
     rois, batch_idx, form = v.boxes(boxes, n_images, batch_indices, 5 if rotated else 4,
                                     box_dtype, backend)
+    v.spatial_extent(shape, layout, rois.shape[0])
     p = OpParams(pooled_h=ph, pooled_w=pw, spatial_scale=scale, sampling_ratio=sampling_ratio,
                  aligned=aligned, mode=mode, channels_last=layout == "NHWC", rotated=rotated,
                  clockwise=clockwise, n_threads=n_threads, deterministic=deterministic)
@@ -122,13 +123,9 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
         shape_only_dtype=_grad_dtype(grad_output, backend) if shape_only else None)
     name = _backend_name(be)
     xp = v.xp_of(name)
-    dtype = np.dtype(grad_output.dtype) if shape_only else features.dtype
+    dtype = _grad_dtype(grad_output, backend) if shape_only else features.dtype
     oshape = _out_shape(shape, rois.shape[0], p)
-    if tuple(grad_output.shape) != oshape:
-        raise ValueError(f"grad_output must have shape {oshape}, got {tuple(grad_output.shape)}")
-    if grad_output.dtype != dtype:
-        raise TypeError(f"grad_output must have dtype {dtype} (the features' dtype), got {grad_output.dtype}")
-    grad_output = xp.ascontiguousarray(grad_output)
+    grad_output = v.grad_output(grad_output, oshape, dtype, name)
     grad_features = grad_boxes = None
     if wrt in ("features", "both"):
         grad_features = xp.zeros(shape, dtype)
@@ -151,7 +148,7 @@ def _grad_dtype(grad_output, backend):
     if dtype is None or np.dtype(dtype).name not in allowed:
         raise TypeError(f"grad_output must be a float array ({', '.join(allowed)}), got "
                         f"{type(grad_output).__name__} of dtype {dtype}")
-    return np.dtype(dtype)
+    return np.dtype(dtype).newbyteorder("=")
 
 
 def _looks_like_array(x):

@@ -12,6 +12,7 @@ import numpy as np
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, LAYOUTS, MODES
 
 FLOAT_DTYPES = {"cpu": ("float32", "float64"), "cuda": ("float16", "float32", "float64")}
+_INT_MAX = 2**31 - 1  # C int: the kernels' thread count
 
 
 def xp_of(backend):
@@ -48,6 +49,8 @@ def output_size(value):
     if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
         value = (value, value)
     try:
+        if isinstance(value, (str, bytes)):  # iterable, but never a pair of ints
+            raise TypeError
         pair = tuple(value)
     except TypeError:
         raise TypeError(f"output_size must be an int or a pair of ints, got {value!r}") from None
@@ -68,7 +71,10 @@ def spatial_scale(value):
 def n_threads(value):
     if value is None:
         return None
-    return check_int("n_threads", value, minimum=1)
+    value = check_int("n_threads", value, minimum=1)
+    if value > _INT_MAX:
+        raise ValueError(f"n_threads must be <= {_INT_MAX}, got {value}")
+    return value
 
 
 def features(array, layout, backend):
@@ -89,7 +95,32 @@ def features(array, layout, backend):
             f"features must have rank 4 ({'N, C, H, W' if layout == 'NCHW' else 'N, H, W, C'}), "
             f"got shape {tuple(array.shape)}"
         )
-    return xp.ascontiguousarray(array)
+    # a non-native byte order (e.g. '>f4' read from a file) is converted, not refused
+    return xp.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+
+
+def spatial_extent(shape, layout, k):
+    """Boxes need pixels to sample: an empty H or W leaves a bilinear sample no neighbours."""
+    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
+    if k and (h == 0 or w == 0):
+        raise ValueError(
+            f"features must have H >= 1 and W >= 1 when there are boxes to pool, got shape "
+            f"{tuple(shape)} ({layout})"
+        )
+
+
+def grad_output(array, shape, dtype, backend):
+    """dL/d(output): an array of the output's shape and the features' dtype -> C-contiguous."""
+    xp = xp_of(backend)
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        raise TypeError(f"grad_output must be a {xp.__name__} array, got {type(array).__name__}")
+    if tuple(array.shape) != shape:
+        raise ValueError(f"grad_output must have shape {shape}, got {tuple(array.shape)}")
+    if np.dtype(array.dtype).newbyteorder("=") != dtype:
+        raise TypeError(
+            f"grad_output must have dtype {dtype} (the features' dtype), got {array.dtype}"
+        )
+    return xp.ascontiguousarray(array, dtype=dtype)
 
 
 def feature_shape(shape, layout):
@@ -119,7 +150,8 @@ def boxes(value, n_images, batch_indices, width, dtype, backend, name="boxes"):
                     f"{name}[{i}] must have shape (L, {width}) [{coords}], got {tuple(part.shape)}"
                 )
             _check_real(f"{name}[{i}]", part)
-            parts.append(part.astype(dtype, copy=False))
+            with np.errstate(over="ignore"):  # overflow to inf is reported below
+                parts.append(part.astype(dtype, copy=False))
             idx.append(xp.full(part.shape[0], i, dtype=xp.int64))
         rois = xp.concatenate(parts) if parts else xp.zeros((0, width), dtype)
         batch_idx = xp.concatenate(idx) if idx else xp.zeros(0, xp.int64)
@@ -142,6 +174,7 @@ def boxes(value, n_images, batch_indices, width, dtype, backend, name="boxes"):
             if not bool(xp.all(col == xp.floor(col))):
                 raise ValueError(f"{name}[:, 0] (batch index) must hold whole numbers")
             _check_finite(f"{name}[:, 0] (batch index)", col)
+            _check_batch_range(col, n_images)
             batch_idx = col.astype(xp.int64)
             rois = arr[:, 1:]
             form = "batched"
@@ -157,13 +190,10 @@ def boxes(value, n_images, batch_indices, width, dtype, backend, name="boxes"):
                 batch_idx = batch_index_array(batch_indices, arr.shape[0], backend)
             rois = arr
             form = "onnx"
-        rois = xp.ascontiguousarray(rois, dtype=dtype)
-    _check_finite(name, rois)
-    if batch_idx.size and (int(batch_idx.min()) < 0 or int(batch_idx.max()) >= n_images):
-        bad = batch_idx[(batch_idx < 0) | (batch_idx >= n_images)]
-        raise ValueError(
-            f"batch index out of range: features hold {n_images} images, got {int(bad[0])}"
-        )
+        with np.errstate(over="ignore"):  # overflow to inf is reported below
+            rois = xp.ascontiguousarray(rois, dtype=dtype)
+    _check_finite(name, rois, f" in {np.dtype(dtype).name}")
+    _check_batch_range(batch_idx, n_images)
     return rois, xp.ascontiguousarray(batch_idx), form
 
 
@@ -174,7 +204,17 @@ def batch_index_array(value, k, backend):
         raise TypeError(f"batch_indices must be an integer array, got dtype {arr.dtype}")
     if arr.shape != (k,):
         raise ValueError(f"batch_indices must have shape ({k},) to match boxes, got {tuple(arr.shape)}")
+    _check_batch_range(arr, None)
     return xp.ascontiguousarray(arr, dtype=xp.int64)
+
+
+def _check_batch_range(idx, n_images):
+    """Batch indices in [0, n_images) (n_images None: within int64, checked before the cast)."""
+    hi = np.iinfo(np.int64).max if n_images is None else n_images - 1
+    if idx.size and (bool(idx.min() < 0) or bool(idx.max() > hi)):
+        bad = idx[(idx < 0) | (idx > hi)]
+        held = "" if n_images is None else f"features hold {n_images} images, "
+        raise ValueError(f"batch index out of range: {held}got {int(bad[0])}")
 
 
 def _check_real(name, arr):
@@ -182,21 +222,27 @@ def _check_real(name, arr):
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
 
 
-def _check_finite(name, arr):
+def _check_finite(name, arr, where=""):
     xp = np if isinstance(arr, np.ndarray) else xp_of("cuda")
     if arr.size and not bool(xp.all(xp.isfinite(arr))):
-        raise ValueError(f"{name} must be finite (no NaN or inf)")
+        raise ValueError(f"{name} must be finite (no NaN or inf){where}")
 
 
 def sample_bound(max_samples_per_bin, gh, gw):
     """Refuse calls whose sampling grid would run for hours (see DEFAULT_MAX_SAMPLES_PER_BIN)."""
     if gh.size == 0:
         return
-    worst = int((gh.astype(np.float64) * gw.astype(np.float64)).max())
-    if worst > max_samples_per_bin:
+    gh, gw = gh.astype(np.float64), gw.astype(np.float64)
+    # each axis is bounded as well: a grid with no columns still lays out its rows (tables, loop
+    # trips), and a grid size past int64 would not survive the cast in the kernels
+    with np.errstate(over="ignore", invalid="ignore"):
+        worst = np.maximum(gh * gw, np.maximum(gh, gw))
+    k = int(np.argmax(np.where(np.isnan(worst), np.inf, worst)))
+    if not worst[k] <= max_samples_per_bin:  # NaN and inf refused too
         raise ValueError(
-            f"sampling grid too large: a bin would take {worst} samples (max_samples_per_bin="
-            f"{max_samples_per_bin}); pass a smaller sampling_ratio or raise max_samples_per_bin"
+            f"sampling grid too large: box {k} would take {gh[k]:.15g} x {gw[k]:.15g} samples per "
+            f"bin (max_samples_per_bin={max_samples_per_bin}); pass a smaller sampling_ratio or "
+            "raise max_samples_per_bin"
         )
 
 
