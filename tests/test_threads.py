@@ -79,7 +79,7 @@ def _gil_workload(kind):
     """A single-threaded call lasting a few tenths of a second on this kind of machine."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 64, 96, 96)).astype(np.float32)
-    K = {"forward": 1500, "backward_features": 800, "backward_boxes": 150, "rotated": 700,
+    K = {"forward": 1500, "backward_features": 800, "backward_boxes": 1500, "rotated": 700,
          "rotated_backward": 200}[kind]
     boxes = random_boxes(rng, K, 1, 96, 96).astype(np.float32)
     rboxes = random_rotated_boxes(rng, K, 1, 96, 96).astype(np.float32)

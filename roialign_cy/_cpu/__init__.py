@@ -10,6 +10,17 @@ _MODE = {"avg": 0, "max": 1, "onnx_max": 2}
 _TABLE_ENTRIES_PER_CHUNK = 1 << 22
 
 
+# Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
+# elements x samples per bin) per thread use fewer threads. Results do not depend on the count.
+_MIN_WORK_PER_THREAD = 1 << 16
+
+
+def _n_threads(p, n_outputs):
+    samples = p.sampling_ratio ** 2 if p.sampling_ratio > 0 else 4
+    wanted = effective_n_threads(p.n_threads)
+    return int(max(1, min(wanted, n_outputs * samples // _MIN_WORK_PER_THREAD)))
+
+
 def _group_by_image(batch_idx, n_images):
     """Positions of the boxes sorted by image (stable, so the visiting order is fixed) and where
     each image's run starts."""
@@ -82,7 +93,7 @@ def _rotated_runs(rois, batch_idx, n_images, height, width, p, n_threads):
 def forward(features, rois, batch_idx, out, p):
     if out.size == 0:
         return
-    n_threads = effective_n_threads(p.n_threads)
+    n_threads = _n_threads(p, out.size)
     n, c, h, w = _shape(features, p)
     if p.rotated:
         for order, img_start, j0, j1, gh, gw, t in _rotated_runs(rois, batch_idx, n, h, w, p,
@@ -104,7 +115,7 @@ def forward(features, rois, batch_idx, out, p):
 def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
     if grad_out.size == 0:
         return
-    n_threads = effective_n_threads(p.n_threads)
+    n_threads = _n_threads(p, grad_out.size)
     n, c, h, w = _shape(grad_features, p)
     if features is None:
         features = grad_features  # avg mode reads no feature value; any array of the shape will do
@@ -125,7 +136,7 @@ def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
 def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
     if grad_out.size == 0:
         return
-    n_threads = effective_n_threads(p.n_threads)
+    n_threads = _n_threads(p, grad_out.size)
     if p.rotated:
         gh, gw = _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
                                                p.sampling_ratio, p.aligned)

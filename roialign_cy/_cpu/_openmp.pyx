@@ -1,4 +1,5 @@
 """How many threads OpenMP will really use, respecting an explicit request."""
+import os
 
 cdef extern from *:
     """
@@ -27,4 +28,5 @@ def effective_n_threads(n_threads=None):
         return 1
     if n_threads is None:
         return max(1, omp_get_max_threads())
-    return int(n_threads)
+    # more threads than this only costs thread creation (and can exhaust the process's limits)
+    return min(int(n_threads), 4 * (os.cpu_count() or 1))

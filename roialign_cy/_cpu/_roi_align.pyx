@@ -322,15 +322,20 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     PH, PW = out.shape[2], out.shape[3]
     cdef Py_ssize_t blocks = (C + PLANE_BLOCK - 1) // PLANE_BLOCK, nb
     cdef floating* scratch
+    cdef int alloc_failed[1]
     cdef floating* obuf
     if interleave:
         # one task per (image, block of LANES channels): interleave the block into a
         # channels-last scratch once, then pool all the image's boxes from it with vector code
         blocks = (C + LANES - 1) // LANES
+        alloc_failed[0] = 0
         with nogil, parallel(num_threads=n_threads):
             scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
             obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
             for task in prange(N * blocks, schedule="dynamic"):
+                if scratch == NULL or obuf == NULL:
+                    alloc_failed[0] = 1  # reported after the parallel region
+                    continue
                 n = task // blocks
                 c = (task % blocks) * LANES
                 nb = C - c if C - c < LANES else LANES
@@ -346,6 +351,9 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                     deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW)
             free(scratch)
             free(obuf)
+        if alloc_failed[0]:
+            raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+                              "of per-thread scratch")
     else:
         # too few planes to keep the threads busy: split the boxes instead
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
@@ -472,12 +480,17 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
     cdef Py_ssize_t blocks = (C + LANES - 1) // LANES, nb, cc, i
     cdef floating* gscratch
     cdef floating* fscratch
+    cdef int alloc_failed[1]
     cdef floating* gbuf
+    alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
         gscratch = <floating*>malloc(H * W * LANES * sizeof(floating))
         fscratch = <floating*>malloc((H * W * LANES if mode != MODE_AVG else 1) * sizeof(floating))
         gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
         for task in prange(N * blocks, schedule="dynamic"):
+            if gscratch == NULL or fscratch == NULL or gbuf == NULL:
+                alloc_failed[0] = 1  # reported after the parallel region
+                continue
             n = task // blocks
             c = (task % blocks) * LANES
             nb = C - c if C - c < LANES else LANES
@@ -500,6 +513,9 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
         free(gscratch)
         free(fscratch)
         free(gbuf)
+    if alloc_failed[0]:
+        raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+                          "of per-thread scratch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +674,7 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     cdef const floating[::1] sy = t.sy, sx = t.sx
     cdef floating* scratch
     cdef floating* gbuf
+    cdef int alloc_failed[1]
     cdef double[::1] partial
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
@@ -675,10 +692,14 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     PH, PW = grad_out.shape[2], grad_out.shape[3]
     blocks = (C + LANES - 1) // LANES
     partial = np.zeros((j1 - j0) * blocks * 4 + 1)
+    alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
         scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
         gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
         for task in prange(N * blocks, schedule="dynamic"):
+            if scratch == NULL or gbuf == NULL:
+                alloc_failed[0] = 1  # reported after the parallel region
+                continue
             n = task // blocks
             c = (task % blocks) * LANES
             nb = C - c if C - c < LANES else LANES
@@ -706,6 +727,9 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                                      mode, &partial[(q * blocks + task % blocks) * 4])
         free(scratch)
         free(gbuf)
+    if alloc_failed[0]:
+        raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+                          "of per-thread scratch")
     for j in prange(j0, j1, nogil=True, schedule="static", num_threads=n_threads):
         q = j - j0
         for i in range(1, blocks):

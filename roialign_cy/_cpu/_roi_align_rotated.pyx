@@ -215,6 +215,7 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     cdef const Py_ssize_t[::1] idx = t.idx, off = t.off
     cdef const floating[::1] w = t.w
     cdef floating* scratch
+    cdef int alloc_failed[1]
     cdef floating* obuf
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
@@ -229,10 +230,14 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     PH, PW = out.shape[2], out.shape[3]
     if interleave:
         blocks = (C + LANES - 1) // LANES
+        alloc_failed[0] = 0
         with nogil, parallel(num_threads=n_threads):
             scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
             obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
             for task in prange(N * blocks, schedule="dynamic"):
+                if scratch == NULL or obuf == NULL:
+                    alloc_failed[0] = 1  # reported after the parallel region
+                    continue
                 n = task // blocks
                 c = (task % blocks) * LANES
                 nb = C - c if C - c < LANES else LANES
@@ -247,6 +252,9 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                     deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW)
             free(scratch)
             free(obuf)
+        if alloc_failed[0]:
+            raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+                              "of per-thread scratch")
     else:
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
             k = order[j]
@@ -268,6 +276,7 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
     cdef const Py_ssize_t[::1] idx = t.idx, off = t.off
     cdef const floating[::1] w = t.w
     cdef floating* gscratch
+    cdef int alloc_failed[1]
     cdef floating* gbuf
     if channels_last:
         N, H, W, C = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
@@ -286,10 +295,14 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
     N, C, H, W = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
     PH, PW = grad_out.shape[2], grad_out.shape[3]
     blocks = (C + LANES - 1) // LANES
+    alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
         gscratch = <floating*>malloc(H * W * LANES * sizeof(floating))
         gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
         for task in prange(N * blocks, schedule="dynamic"):
+            if gscratch == NULL or gbuf == NULL:
+                alloc_failed[0] = 1  # reported after the parallel region
+                continue
             n = task // blocks
             c = (task % blocks) * LANES
             nb = C - c if C - c < LANES else LANES
@@ -308,6 +321,9 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
             add_deinterleaved(gscratch, H * W, nb, G + (n * C + c) * H * W)
         free(gscratch)
         free(gbuf)
+    if alloc_failed[0]:
+        raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+                          "of per-thread scratch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +440,7 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef floating* scratch
     cdef floating* gbuf
+    cdef int alloc_failed[1]
     cdef double[:, ::1] partial
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
@@ -439,10 +456,14 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
         PH, PW = grad_out.shape[2], grad_out.shape[3]
         blocks = (C + LANES - 1) // LANES
         partial = np.zeros((K * blocks, 5))
+        alloc_failed[0] = 0
         with nogil, parallel(num_threads=n_threads):
             scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
             gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
             for task in prange(N * blocks, schedule="dynamic"):
+                if scratch == NULL or gbuf == NULL:
+                    alloc_failed[0] = 1  # reported after the parallel region
+                    continue
                 n = task // blocks
                 c = (task % blocks) * LANES
                 nb = C - c if C - c < LANES else LANES
@@ -458,6 +479,9 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                              clockwise)
             free(scratch)
             free(gbuf)
+        if alloc_failed[0]:
+            raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+                              "of per-thread scratch")
     for k in prange(K, nogil=True, schedule="static", num_threads=n_threads):
         add_partials(&grad_rois[k, 0], &partial[k * blocks, 0], blocks)
 
