@@ -495,7 +495,6 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
             c = (task % blocks) * LANES
             nb = C - c if C - c < LANES else LANES
             memset(gscratch, 0, H * W * LANES * sizeof(floating))
-            memset(gbuf, 0, PH * PW * LANES * sizeof(floating))
             if mode != MODE_AVG:
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, fscratch)
             lo = img_start[n] if img_start[n] > j0 else j0
@@ -503,9 +502,7 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0
-                for cc in range(nb):
-                    for i in range(PH * PW):
-                        gbuf[i * LANES + cc] = GO[(k * C + c + cc) * PH * PW + i]
+                interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                 scatter_box_nhwc(gscratch, fscratch, W, LANES, LANES, gbuf, PH, PW, gh[k], gw[k],
                                  &ylo[yoff[q]], &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]],
                                  &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], mode)
@@ -704,16 +701,13 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
             c = (task % blocks) * LANES
             nb = C - c if C - c < LANES else LANES
             interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-            memset(gbuf, 0, PH * PW * LANES * sizeof(floating))
             lo = img_start[n] if img_start[n] > j0 else j0
             hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0
                 if mode == MODE_AVG:
-                    for cc in range(nb):
-                        for i in range(PH * PW):
-                            gbuf[i * LANES + cc] = GO[(k * C + c + cc) * PH * PW + i]
+                    interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                     box_grad_lanes(scratch, W, gbuf, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
                                    &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]],
                                    &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]],

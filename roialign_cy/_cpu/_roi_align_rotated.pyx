@@ -307,15 +307,12 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
             c = (task % blocks) * LANES
             nb = C - c if C - c < LANES else LANES
             memset(gscratch, 0, H * W * LANES * sizeof(floating))
-            memset(gbuf, 0, PH * PW * LANES * sizeof(floating))
             lo = img_start[n] if img_start[n] > j0 else j0
             hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0
-                for cc in range(nb):
-                    for i in range(PH * PW):
-                        gbuf[i * LANES + cc] = GO[(k * C + c + cc) * PH * PW + i]
+                interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                 scatter_samples(gscratch, LANES, LANES, gbuf, LANES, PH * PW, gh[k] * gw[k],
                                 &idx[4 * off[q]], &w[4 * off[q]])
             add_deinterleaved(gscratch, H * W, nb, G + (n * C + c) * H * W)
@@ -468,12 +465,9 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                 c = (task % blocks) * LANES
                 nb = C - c if C - c < LANES else LANES
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-                memset(gbuf, 0, PH * PW * LANES * sizeof(floating))
                 for j in range(img_start[n], img_start[n + 1]):
                     k = order[j]
-                    for cc in range(nb):
-                        for i in range(PH * PW):
-                            gbuf[i * LANES + cc] = GO[(k * C + c + cc) * PH * PW + i]
+                    interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                     box_grad(&rois[k, 0], &partial[k * blocks + task % blocks, 0], scratch, 0, 0,
                              LANES, H, W, gbuf, 0, 0, True, PH, PW, gh[k], gw[k], scale, aligned,
                              clockwise)
