@@ -193,7 +193,8 @@ def test_scratch_allocation_failure_is_a_memory_error(case):
     import roialign_cy
     root = os.path.dirname(os.path.dirname(os.path.abspath(roialign_cy.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    # run from that directory: "python -c" puts the working directory first on sys.path
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=root)
     assert proc.returncode == 0, f"child died with status {proc.returncode}: {proc.stderr[-2000:]}"
     assert "MemoryError" in proc.stdout
