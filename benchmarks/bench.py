@@ -1,0 +1,488 @@
+#!/usr/bin/env python3
+"""Time roialign_cy side by side with onnxruntime's RoiAlign and torchvision.ops.roi_align.
+
+Every workload runs our kernel and each installed peer in the same process, on the same seeded
+synthetic data, at each thread setting; each peer's output is checked against ours before it is
+timed, so a mismatch is reported instead of a meaningless speed-up. Missing peers, and operators
+roialign_cy does not have yet, are reported as "n/a" / skipped rows, never as errors.
+
+    python benchmarks/bench.py                      # all CPU workloads, threads 1 and all cores
+    python benchmarks/bench.py --quick              # fewer repeats (a smoke run)
+    python benchmarks/bench.py --workloads box,mask --threads 2 --repeat 20 --json out.json
+
+GPU workloads (names starting with "gpu-") run when CuPy and a CUDA device are present: ours with
+backend="cuda" on cupy arrays against torchvision on CUDA tensors, both timed with a device-wide
+synchronize around each call.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers as peer_adapters  # noqa: E402  (benchmarks/peers.py, next to this file)
+
+
+def _import_ours():
+    """Import roialign_cy, falling back to the checkout this script lives in (in-place build)."""
+    try:
+        import roialign_cy
+    except ImportError:
+        sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        import roialign_cy
+    return roialign_cy
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    op: str  # "forward" | "backward" | "rotated" | "rotated_backward"
+    features: tuple  # (N, C, H, W)
+    n_boxes: int
+    output_size: tuple
+    sampling_ratio: int
+    spatial_scale: float = 0.25
+    aligned: bool = True
+    device: str = "cpu"
+
+
+_FPN_P2 = (2, 256, 200, 304)  # stride-4 level of a 1216 x 800 image, batch of 2
+_CPU_WORKLOADS = [
+    Workload("box", "forward", _FPN_P2, 2000, (7, 7), 2),
+    Workload("mask", "forward", _FPN_P2, 200, (14, 14), 2),
+    Workload("adaptive", "forward", _FPN_P2, 2000, (7, 7), 0),
+    Workload("small", "forward", (1, 64, 64, 64), 100, (7, 7), 2),
+    Workload("backward", "backward", _FPN_P2, 2000, (7, 7), 2),
+    Workload("rotated", "rotated", _FPN_P2, 2000, (7, 7), 2),
+    Workload("rotated-backward", "rotated_backward", _FPN_P2, 2000, (7, 7), 2),
+]
+_GPU_WORKLOADS = [dataclasses.replace(w, name="gpu-" + w.name, device="cuda") for w in _CPU_WORKLOADS if w.name != "small"]
+WORKLOADS = {w.name: w for w in _CPU_WORKLOADS + _GPU_WORKLOADS}
+
+# Which roialign_cy function each op needs; rows whose function is missing are skipped with a note.
+_OUR_FUNCTION = {
+    "forward": "roi_align",
+    "backward": "roi_align_backward",
+    "rotated": "roi_align_rotated",
+    "rotated_backward": "roi_align_rotated_backward",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data
+def make_inputs(w, seed=0):
+    """Seeded features, boxes and (for backward ops) an upstream gradient for workload ``w``.
+
+    Boxes are proposals on the input image (feature size / spatial_scale, 1216 x 800 for the FPN
+    level): centres uniform, widths and heights log-uniform in 8..400 px (capped by the image),
+    batch indices sorted as a detector emits them. Axis-aligned boxes are clipped to the image,
+    rotated ones (random angles in [-180, 180)) are not.
+    """
+    rng = np.random.default_rng(seed)
+    n, c, h, wd = w.features
+    features = rng.standard_normal(w.features, dtype=np.float32)
+    img_w, img_h = wd / w.spatial_scale, h / w.spatial_scale
+    k = w.n_boxes
+    hi = min(400.0, img_w, img_h)
+    bw = np.exp(rng.uniform(math.log(8.0), math.log(hi), k))
+    bh = np.exp(rng.uniform(math.log(8.0), math.log(hi), k))
+    cx = rng.uniform(0, img_w, k)
+    cy = rng.uniform(0, img_h, k)
+    batch = np.sort(rng.integers(0, n, k)).astype(np.float64)
+    if w.op.startswith("rotated"):
+        angle = rng.uniform(-180.0, 180.0, k)
+        boxes = np.stack([batch, cx, cy, bw, bh, angle], axis=1)
+    else:
+        x1 = np.clip(cx - bw / 2, 0, img_w)
+        x2 = np.clip(cx + bw / 2, 0, img_w)
+        y1 = np.clip(cy - bh / 2, 0, img_h)
+        y2 = np.clip(cy + bh / 2, 0, img_h)
+        boxes = np.stack([batch, x1, y1, x2, y2], axis=1)
+    boxes = boxes.astype(np.float32)
+    grad = None
+    if w.op.endswith("backward"):
+        grad = rng.standard_normal((k, c) + tuple(w.output_size), dtype=np.float32)
+    return features, boxes, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    repeats: int
+
+
+def time_call(fn, sync, repeat, budget_s, min_repeat, max_repeat):
+    """Median wall time of ``fn()`` after warm-up; the repeat count adapts to ``budget_s`` unless
+    ``repeat`` is given. The first warm-up call's result is returned for the agreement check."""
+    sync()
+    result = fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    estimate = time.perf_counter() - t0
+    n = repeat if repeat else int(min(max_repeat, max(min_repeat, budget_s / max(estimate, 1e-6))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return Timing(1e3 * statistics.median(times), 1e3 * min(times), n), result
+
+
+def _no_sync():
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# One workload
+class Skip(Exception):
+    """The row cannot run (operator not in this roialign_cy yet, no GPU, ...): print the note."""
+
+
+class Runner:
+    def __init__(self, ours, peers, args):
+        self.ours = ours
+        self.peers = peers
+        self.args = args
+        self.cp = None
+        if any(WORKLOADS[name].device == "cuda" for name in args.workloads):
+            self.cp = _cupy_with_device()
+
+    # -- our callables -------------------------------------------------------------------------
+    def our_call(self, w, features, boxes, grad, n_threads):
+        fname = _OUR_FUNCTION[w.op]
+        fn = getattr(self.ours, fname, None)
+        if fn is None:
+            raise Skip(f"roialign_cy.{fname} is not available yet")
+        kw = dict(spatial_scale=w.spatial_scale, sampling_ratio=w.sampling_ratio, aligned=w.aligned)
+        if w.device == "cuda":
+            kw["backend"] = "cuda"
+        else:
+            kw["n_threads"] = n_threads
+        if w.op in ("forward", "rotated"):
+            return lambda: fn(features, boxes, w.output_size, **kw)
+        return lambda: fn(grad, features, boxes, w.output_size, wrt="features", **kw)
+
+    # -- peers' callables (None: this peer has nothing for the op) -----------------------------
+    def peer_call(self, name, w, features, boxes, grad, n_threads):
+        p = self.peers.get(name)
+        if p is None or w.op.startswith("rotated"):
+            return None
+        args = (w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned)
+        if name == "onnxruntime":
+            if w.op != "forward" or w.device != "cpu":
+                return None
+            return p.forward(features, boxes, *args, n_threads=n_threads)
+        if w.device == "cuda" and not p.cuda_available():
+            return None
+        if n_threads is not None:  # None: a GPU row
+            p.set_threads(n_threads)
+        if w.op == "forward":
+            return p.forward(features, boxes, *args, device=w.device)
+        return p.backward_features(grad, features, boxes, *args, device=w.device)
+
+    def to_numpy(self, name, x):
+        if name == "torchvision":
+            return self.peers[name].to_numpy(x)
+        if self.cp is not None and isinstance(x, self.cp.ndarray):
+            return self.cp.asnumpy(x)
+        return np.asarray(x)
+
+    def sync_for(self, name, w):
+        if w.device != "cuda":
+            return _no_sync
+        if name == "torchvision":
+            return self.peers[name].synchronize
+        return self.cp.cuda.Device().synchronize
+
+    # -- a table row ---------------------------------------------------------------------------
+    def run(self, w, n_threads, data):
+        """Time ours and each peer for (w, n_threads); returns a dict (one table row)."""
+        features, boxes, grad = data
+        if w.device == "cuda":
+            if self.cp is None:
+                raise Skip("no CuPy with a CUDA device")
+            features, boxes = self.cp.asarray(features), self.cp.asarray(boxes)
+            grad = None if grad is None else self.cp.asarray(grad)
+        a = self.args
+        timing = dict(repeat=a.repeat, budget_s=a.budget, min_repeat=a.min_repeat, max_repeat=a.max_repeat)
+        row = {"workload": w.name, "device": w.device, "threads": n_threads if w.device == "cpu" else "gpu"}
+        try:
+            our_fn = self.our_call(w, features, boxes, grad, n_threads)
+            t, ref = time_call(our_fn, self.sync_for("ours", w), **timing)
+        except NotImplementedError as exc:
+            raise Skip(f"roialign_cy raised NotImplementedError: {exc}") from None
+        row["ours"] = dataclasses.asdict(t)
+        ref = self.to_numpy("ours", ref)
+        # Tolerance on the max abs difference: float32 sums in a different order; the backward
+        # accumulates many more terms per element than the forward.
+        tol = (1e-3 if w.op.endswith("backward") else 2e-4) * max(1.0, float(np.abs(ref).max()))
+        for name in ("onnxruntime", "torchvision"):
+            fn = self.peer_call(name, w, data[0], data[1], data[2], n_threads)
+            if fn is None:
+                why = "not installed" if self.peers.get(name) is None else "no such operator on this device"
+                row[name] = {"note": why}
+                continue
+            t, out = time_call(fn, self.sync_for(name, w), **timing)
+            diff = float(np.abs(self.to_numpy(name, out).astype(np.float64) - ref).max())
+            row[name] = dict(dataclasses.asdict(t), max_abs_diff=diff, agrees=diff <= tol)
+        return row
+
+
+def _cupy_with_device():
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy
+    except Exception:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+_PEERS = ("onnxruntime", "torchvision")
+
+
+def _fmt_ms(cell):
+    return f"{cell['median_ms']:.2f}" if cell and "median_ms" in cell else "n/a"
+
+
+def _fmt_ratio(row, name):
+    cell = row.get(name, {})
+    if "median_ms" not in cell:
+        return "n/a"
+    ratio = cell["median_ms"] / row["ours"]["median_ms"]
+    return f"{ratio:.2f}" + ("" if cell["agrees"] else " MISMATCH")
+
+
+def format_table(rows):
+    head = ["workload", "threads", "ours ms", "onnxruntime ms", "torchvision ms", "ort/ours", "tv/ours",
+            "max|d| ort", "max|d| tv", "others"]
+    lines = [head]
+    for r in rows:
+        if "skipped" in r or "error" in r:
+            note = "skipped: " + r["skipped"] if "skipped" in r else "ERROR " + r["error"]
+            lines.append([r["workload"], str(r["threads"]), note])
+            continue
+        diffs = [f"{r[n]['max_abs_diff']:.1e}" if "max_abs_diff" in r.get(n, {}) else "n/a" for n in _PEERS]
+        lines.append([r["workload"], str(r["threads"]), _fmt_ms(r["ours"]), _fmt_ms(r.get("onnxruntime")),
+                      _fmt_ms(r.get("torchvision")), _fmt_ratio(r, "onnxruntime"),
+                      _fmt_ratio(r, "torchvision"), *diffs,
+                      "n/a" if r.get("other_cores") is None else f"{r['other_cores']:.2f}"])
+    # Skipped rows hold a note instead of the numeric columns: they size the first two columns only.
+    widths = [max(len(l[i]) for l in lines if len(l) == len(head) or (i < 2 and len(l) > i)) for i in range(len(head))]
+    out = []
+    for l in lines:
+        if len(l) != len(head):  # a skipped or failed row: the note runs on past the columns
+            out.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(l[:2])) + "  " + l[2])
+        else:
+            out.append("  ".join(c.rjust(widths[i]) if i > 0 else c.ljust(widths[i]) for i, c in enumerate(l)))
+    out.insert(1, "-" * len(out[0]))
+    return "\n".join(out)
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _cpu_seconds():
+    """(wall clock, CPU seconds used by the whole machine, CPU seconds used by this process), or
+    None where /proc/stat is missing (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy time.
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system
+
+
+def _other_cores(before, after):
+    """Cores other processes kept busy on average between two ``_cpu_seconds`` readings: a row
+    timed while the machine was shared (well above 0) has unreliable multi-thread figures."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, other / (after[0] - before[0]))
+
+
+def wait_for_quiet(max_wait_s, threshold=0.05, window_s=2.0):
+    """Sleep until other processes use less than ``threshold`` of a core over ``window_s``, for at
+    most ``max_wait_s``; returns the seconds waited (shared machines: CI, a busy workstation)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        before = _cpu_seconds()
+        time.sleep(window_s)
+        others = _other_cores(before, _cpu_seconds())
+        if others is None or others < threshold:
+            break
+    return time.perf_counter() - start
+
+
+def _loadavg():
+    # Other processes on the machine distort multi-thread timings most: say how busy it was.
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _meta(ours, peers, missing):
+    from_openmp = None
+    try:
+        from roialign_cy._cpu import _openmp
+
+        from_openmp = {"openmp": _openmp.openmp_enabled(), "default_threads": _openmp.effective_n_threads()}
+    except Exception:
+        pass
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": _loadavg(),
+        "numpy": np.__version__,
+        "roialign_cy": getattr(ours, "__version__", "?"),
+        "roialign_cy_openmp": from_openmp,
+        "peers": {n: (p.version if p is not None else f"n/a ({missing[n]})") for n, p in peers.items()},
+    }
+
+
+def run_row(runner, w, n_threads, data, wait_quiet):
+    """One table row; with ``wait_quiet`` it starts on an idle machine and is redone (at most
+    twice more) when other processes took more than a tenth of a core meanwhile."""
+    best = None
+    for _ in range(3 if wait_quiet else 1):
+        if wait_quiet:
+            waited = wait_for_quiet(wait_quiet)
+            if waited > 5:
+                print(f"(waited {waited:.0f} s for other processes to go quiet)", flush=True)
+        row = {"workload": w.name, "device": w.device, "threads": n_threads or "gpu"}
+        busy0 = _cpu_seconds()
+        try:
+            row = runner.run(w, n_threads, data)
+            row["other_cores"] = _other_cores(busy0, _cpu_seconds())
+        except Skip as exc:
+            row["skipped"] = str(exc)
+            return row
+        except Exception as exc:  # one broken row must not cost the rest of a long run
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            return row
+        if best is None or (row["other_cores"] or 0) < (best["other_cores"] or 0):
+            best = row
+        if (best["other_cores"] or 0) <= 0.1:
+            break
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv, prog=None):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small time budget per cell (a smoke run)")
+    ap.add_argument("--workloads", default=None,
+                    help="comma-separated names (default: all CPU ones, plus the gpu- ones when a GPU is "
+                         f"there); known: {', '.join(WORKLOADS)}")
+    ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and os.cpu_count())")
+    ap.add_argument("--repeat", type=int, default=0, help="timed calls per cell (default: adaptive)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds of timed calls per cell when adaptive")
+    ap.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                    help="before each row, wait up to S seconds until other processes leave the CPUs idle")
+    a = ap.parse_args(argv)
+    if a.workloads is None:
+        names = [w.name for w in _CPU_WORKLOADS]
+        if _cupy_with_device() is not None:
+            names += [w.name for w in _GPU_WORKLOADS]
+    else:
+        names = [s.strip() for s in a.workloads.split(",") if s.strip()]
+        unknown = [s for s in names if s not in WORKLOADS]
+        if unknown:
+            ap.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    a.workloads = names
+    if a.threads is None:
+        a.threads = sorted({1, os.cpu_count() or 1})
+    else:
+        a.threads = [int(s) for s in a.threads.split(",")]
+        if any(t < 1 for t in a.threads):
+            ap.error(f"--threads must be positive integers, got {a.threads}")
+    if a.budget is None:
+        a.budget = 0.3 if a.quick else 2.0
+    a.min_repeat, a.max_repeat = (3, 20) if a.quick else (5, 200)
+    return a
+
+
+def main(argv=None, prog=None):
+    """Run the benchmark; ``prog`` names the command in --help (``python -m roialign_cy bench``)."""
+    a = parse_args(argv, prog)
+    ours = _import_ours()
+    peers, missing = peer_adapters.available_peers()
+    meta = _meta(ours, peers, missing)
+    print(f"roialign_cy {meta['roialign_cy']} | numpy {meta['numpy']} | Python {meta['python']}")
+    print(f"CPU: {meta['cpu']}, {meta['cpu_count']} cores | OpenMP: {meta['roialign_cy_openmp']} | "
+          f"load average (1, 5, 15 min) at start: {meta['loadavg_at_start']}")
+    for name, v in meta["peers"].items():
+        print(f"peer {name}: {v}")
+    print("times: median ms per call after warm-up; ratio = peer / ours (> 1: roialign_cy is faster); "
+          "others: cores kept busy by other processes while the row ran (near 0: a clean figure)\n", flush=True)
+
+    runner = Runner(ours, peers, a)
+    rows, mismatches, errors = [], 0, 0
+    for name in a.workloads:
+        w = WORKLOADS[name]
+        data = make_inputs(w, a.seed)
+        for t in (a.threads if w.device == "cpu" else [None]):
+            row = {"workload": w.name, "device": w.device, "threads": t or "gpu"}
+            row = run_row(runner, w, t, data, a.wait_quiet)
+            if "error" in row:
+                errors += 1
+            else:
+                mismatches += sum(not row.get(n, {}).get("agrees", True) for n in _PEERS)
+            rows.append(row)
+            print(format_table([row]).splitlines()[-1], flush=True)
+    print()
+    print(f"features {_FPN_P2} float32 unless noted (small: (1, 64, 64, 64)); box/adaptive/backward/rotated: "
+          "2000 boxes 7x7; mask: 200 boxes 14x14; sampling_ratio 2 (adaptive: 0); spatial_scale 0.25; "
+          "aligned=True\n")
+    print(format_table(rows))
+    meta["loadavg_at_end"] = _loadavg()
+    print(f"\nload average at end: {meta['loadavg_at_end']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "workloads": {n: dataclasses.asdict(WORKLOADS[n]) for n in a.workloads},
+                       "results": rows}, f, indent=1)
+    if mismatches:
+        print(f"\n{mismatches} peer output(s) disagree with roialign_cy beyond tolerance: see MISMATCH", file=sys.stderr)
+    if errors:
+        print(f"\n{errors} row(s) failed with an error: see ERROR", file=sys.stderr)
+    return 1 if mismatches or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
