@@ -52,6 +52,7 @@ class Workload:
     spatial_scale: float = 0.25
     aligned: bool = True
     device: str = "cpu"
+    wrt: str = "features"  # backward ops: the gradient timed (no peer has one for "boxes")
 
 
 _FPN_P2 = (2, 256, 200, 304)  # stride-4 level of a 1216 x 800 image, batch of 2
@@ -63,6 +64,8 @@ _CPU_WORKLOADS = [
     Workload("backward", "backward", _FPN_P2, 2000, (7, 7), 2),
     Workload("rotated", "rotated", _FPN_P2, 2000, (7, 7), 2),
     Workload("rotated-backward", "rotated_backward", _FPN_P2, 2000, (7, 7), 2),
+    Workload("backward-boxes", "backward", _FPN_P2, 2000, (7, 7), 2, wrt="boxes"),
+    Workload("rotated-backward-boxes", "rotated_backward", _FPN_P2, 2000, (7, 7), 2, wrt="boxes"),
 ]
 _GPU_WORKLOADS = [dataclasses.replace(w, name="gpu-" + w.name, device="cuda") for w in _CPU_WORKLOADS if w.name != "small"]
 WORKLOADS = {w.name: w for w in _CPU_WORKLOADS + _GPU_WORKLOADS}
@@ -174,12 +177,12 @@ class Runner:
             kw["n_threads"] = n_threads
         if w.op in ("forward", "rotated"):
             return lambda: fn(features, boxes, w.output_size, **kw)
-        return lambda: fn(grad, features, boxes, w.output_size, wrt="features", **kw)
+        return lambda: fn(grad, features, boxes, w.output_size, wrt=w.wrt, **kw)
 
     # -- peers' callables (None: this peer has nothing for the op) -----------------------------
     def peer_call(self, name, w, features, boxes, grad, n_threads):
         p = self.peers.get(name)
-        if p is None or w.op.startswith("rotated"):
+        if p is None or w.op.startswith("rotated") or w.wrt != "features":
             return None
         args = (w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned)
         if name == "onnxruntime":
