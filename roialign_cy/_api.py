@@ -10,7 +10,7 @@ _WRT = ("features", "boxes", "both")
 
 def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio,
              aligned, mode, layout, backend, n_threads, max_samples_per_bin, clockwise=False,
-             deterministic=True, extra_arrays=None, shape_only_dtype=None):
+             deterministic=True, extra_arrays=None, shape_only_dtype=None, allow_inverted=False):
     """Validate every argument; return (backend module, features or shape, rois, batch_idx, form,
     OpParams)."""
     rotated = op == "roi_align_rotated"
@@ -40,6 +40,8 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     rois, batch_idx, form = v.boxes(boxes, n_images, batch_indices, 5 if rotated else 4,
                                     box_dtype, backend)
     v.spatial_extent(shape, layout, rois.shape[0])
+    if not v.check_flag("allow_inverted", allow_inverted):
+        v.box_order(rois, rotated)
     p = OpParams(pooled_h=ph, pooled_w=pw, spatial_scale=scale, sampling_ratio=sampling_ratio,
                  aligned=aligned, mode=mode, channels_last=layout == "NHWC", rotated=rotated,
                  clockwise=clockwise, n_threads=n_threads, deterministic=deterministic)
@@ -85,11 +87,12 @@ def _check_out(out, shape, dtype, backend):
 
 
 def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
-             layout, batch_indices, backend, n_threads, out, max_samples_per_bin, clockwise=False):
+             layout, batch_indices, backend, n_threads, out, max_samples_per_bin, clockwise=False,
+             allow_inverted=False):
     be, features, shape, rois, batch_idx, form, p = _prepare(
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
-        extra_arrays={"out": out})
+        extra_arrays={"out": out}, allow_inverted=allow_inverted)
     oshape = _out_shape(shape, rois.shape[0], p)
     if out is None:
         out = v.xp_of(_backend_name(be)).empty(oshape, features.dtype)
@@ -105,7 +108,7 @@ def _backend_name(module):
 
 def _backward(op, grad_output, features, boxes, output_size, spatial_scale, sampling_ratio,
               aligned, mode, layout, batch_indices, wrt, backend, n_threads, deterministic,
-              max_samples_per_bin, clockwise=False):
+              max_samples_per_bin, clockwise=False, allow_inverted=False):
     wrt = v.check_choice("wrt", wrt, _WRT)
     shape_only = isinstance(features, (tuple, list)) and not _looks_like_array(features)
     if shape_only and (wrt != "features" or mode != "avg"):
@@ -120,7 +123,8 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
         deterministic=deterministic, extra_arrays={"grad_output": grad_output},
-        shape_only_dtype=_grad_dtype(grad_output, backend) if shape_only else None)
+        shape_only_dtype=_grad_dtype(grad_output, backend) if shape_only else None,
+        allow_inverted=allow_inverted)
     name = _backend_name(be)
     xp = v.xp_of(name)
     dtype = _grad_dtype(grad_output, backend) if shape_only else features.dtype
@@ -170,7 +174,7 @@ def _box_grad_like(grad_rois, boxes, batch_idx, form, xp):
 
 def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
               *, mode="avg", layout="NCHW", batch_indices=None, backend="auto", n_threads=None,
-              out=None, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+              out=None, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False):
     """RoIAlign: pool each box of a feature map into a fixed grid by bilinear sampling.
 
     Parameters
@@ -208,6 +212,11 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     max_samples_per_bin : int
         Refuse calls whose grid has more samples per bin than this (guards against adaptive
         sampling of huge boxes running for hours); raise it if you really need more.
+    allow_inverted : bool
+        Boxes with x2 < x1 or y2 < y1 are a ValueError by default (usually a bug upstream).
+        True accepts them with the peers' convention: aligned=False grows them to 1 pixel,
+        aligned=True keeps the negative size (adaptive sampling then takes no samples: 0).
+        Degenerate boxes (x1 == x2 or y1 == y2) are always accepted.
 
     Returns
     -------
@@ -216,13 +225,14 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     """
     return _forward("roi_align", features, boxes, output_size, spatial_scale, sampling_ratio,
                     aligned, mode, layout, batch_indices, backend, n_threads, out,
-                    max_samples_per_bin)
+                    max_samples_per_bin, allow_inverted=allow_inverted)
 
 
 def roi_align_backward(grad_output, features, boxes, output_size, spatial_scale=1.0,
                        sampling_ratio=-1, aligned=False, *, mode="avg", layout="NCHW",
                        batch_indices=None, wrt="features", backend="auto", n_threads=None,
-                       deterministic=True, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+                       deterministic=True, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN,
+                       allow_inverted=False):
     """Gradient of :func:`roi_align` (same arguments), given ``grad_output`` = dL/d(output).
 
     ``features`` is the feature array, or only its shape when just the feature gradient in avg
@@ -245,13 +255,13 @@ def roi_align_backward(grad_output, features, boxes, output_size, spatial_scale=
     """
     return _backward("roi_align", grad_output, features, boxes, output_size, spatial_scale,
                      sampling_ratio, aligned, mode, layout, batch_indices, wrt, backend,
-                     n_threads, deterministic, max_samples_per_bin)
+                     n_threads, deterministic, max_samples_per_bin, allow_inverted=allow_inverted)
 
 
 def roi_align_rotated(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
                       aligned=True, *, clockwise=False, layout="NCHW", batch_indices=None,
                       backend="auto", n_threads=None, out=None,
-                      max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+                      max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False):
     """RoIAlign over rotated boxes (detectron2 ``ROIAlignRotated``, Caffe2 ``RoIAlignRotated``).
 
     boxes : (K, 6) [batch_index, cx, cy, w, h, angle_degrees], or (K, 5) with ``batch_indices``,
@@ -262,19 +272,23 @@ def roi_align_rotated(features, boxes, output_size, spatial_scale=1.0, sampling_
     aligned : bool
         True (default, detectron2): centre shifted by -0.5 pixel. False (Caffe2/mmcv legacy): no
         shift, and w, h raised to at least 1 pixel.
+    allow_inverted : bool
+        Negative w or h is a ValueError by default (detectron2 requires w, h >= 0); True accepts
+        it as Caffe2 and mmcv do.
 
     Other arguments and the output are as in :func:`roi_align` (average pooling).
     """
     return _forward("roi_align_rotated", features, boxes, output_size, spatial_scale,
                     sampling_ratio, aligned, "avg", layout, batch_indices, backend, n_threads, out,
-                    max_samples_per_bin, clockwise=clockwise)
+                    max_samples_per_bin, clockwise=clockwise, allow_inverted=allow_inverted)
 
 
 def roi_align_rotated_backward(grad_output, features, boxes, output_size, spatial_scale=1.0,
                                sampling_ratio=-1, aligned=True, *, clockwise=False,
                                layout="NCHW", batch_indices=None, wrt="features",
                                backend="auto", n_threads=None, deterministic=True,
-                               max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN):
+                               max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN,
+                               allow_inverted=False):
     """Gradient of :func:`roi_align_rotated`, as :func:`roi_align_backward`.
 
     The box gradient is with respect to (cx, cy, w, h, angle_degrees), per degree; w and h have
@@ -283,4 +297,5 @@ def roi_align_rotated_backward(grad_output, features, boxes, output_size, spatia
     """
     return _backward("roi_align_rotated", grad_output, features, boxes, output_size,
                      spatial_scale, sampling_ratio, aligned, "avg", layout, batch_indices, wrt,
-                     backend, n_threads, deterministic, max_samples_per_bin, clockwise=clockwise)
+                     backend, n_threads, deterministic, max_samples_per_bin, clockwise=clockwise,
+                     allow_inverted=allow_inverted)

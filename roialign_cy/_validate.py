@@ -197,6 +197,24 @@ def boxes(value, n_images, batch_indices, width, dtype, backend, name="boxes"):
     return rois, xp.ascontiguousarray(batch_idx), form
 
 
+def box_order(rois, rotated, name="boxes"):
+    """Refuse inverted boxes (x2 < x1 or y2 < y1; rotated: w < 0 or h < 0) unless the caller
+    asked for the peers' convention with allow_inverted=True."""
+    xp = np if isinstance(rois, np.ndarray) else xp_of("cuda")
+    if rotated:
+        bad = (rois[:, 2] < 0) | (rois[:, 3] < 0)
+        what = "w >= 0 and h >= 0"
+    else:
+        bad = (rois[:, 2] < rois[:, 0]) | (rois[:, 3] < rois[:, 1])
+        what = "x2 >= x1 and y2 >= y1"
+    if rois.shape[0] and bool(xp.any(bad)):
+        k = int(xp.argmax(bad))
+        raise ValueError(
+            f"{name} must have {what}; box {k} is {[float(c) for c in rois[k]]} (pass "
+            "allow_inverted=True to accept inverted boxes with the peers' convention)"
+        )
+
+
 def batch_index_array(value, k, backend):
     xp = xp_of(backend)
     arr = value if backend == "cuda" else np.asarray(value)

@@ -3,6 +3,7 @@
 Test modules import the plain helpers with ``from conftest import ...`` (pytest puts this
 directory on sys.path; there is deliberately no tests/__init__.py).
 """
+import functools
 import zlib
 
 import numpy as np
@@ -26,6 +27,12 @@ def to_nchw(x):
 def f32_exact(a):
     """``a`` rounded to float32 and held as float64: one input that every dtype sees identically."""
     return np.asarray(a, dtype=np.float32).astype(np.float64)
+
+
+def peers_convention(fn):
+    """``fn`` with allow_inverted=True: suites that also feed inverted boxes (which the public
+    API refuses by default) check the peers' convention for them."""
+    return functools.partial(fn, allow_inverted=True)
 
 
 def make_features(rng, N, C, H, W, dtype=np.float64):
@@ -55,8 +62,8 @@ def edge_case_boxes(rng, N, H, W, spatial_scale=1.0):
     """(K, 5) boxes covering the edge cases of the spec, one or more of each kind, in image units.
 
     ordinary, partly outside (each side), wholly outside (beyond every side), tiny, degenerate
-    (x1 == x2, y1 == y2, both), inverted (x2 < x1 and/or y2 < y1: legal; aligned=True keeps the
-    negative size, aligned=False raises it to 1) and the whole image.
+    (x1 == x2, y1 == y2, both), inverted (x2 < x1 and/or y2 < y1: refused by default, accepted with
+    allow_inverted=True: aligned=True keeps the negative size, aligned=False raises it to 1) and the whole image.
     """
     hi, wi = H / spatial_scale, W / spatial_scale
     u = rng.uniform

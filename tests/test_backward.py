@@ -6,7 +6,11 @@ import pytest
 from conftest import (box_forms, edge_case_boxes, make_features, random_boxes, sort_by_image, split_batch,
                       to_nchw, to_nhwc)
 from reference import aligned_samples, numerical_box_grad, roi_align_backward_ref, sample_values
-from roialign_cy import roi_align, roi_align_backward
+import roialign_cy
+from conftest import peers_convention
+
+roi_align = peers_convention(roialign_cy.roi_align)
+roi_align_backward = peers_convention(roialign_cy.roi_align_backward)
 
 N, C, H, W = 2, 3, 9, 11
 # float32 kernels place samples with ~1 ulp(10) ~ 1e-6 px of error and the N(0, 1) features have

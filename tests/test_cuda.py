@@ -447,7 +447,7 @@ def test_gpu_roi_align_matches_cpu(cp, rng, boxes_kind, shape, scale, sampling_r
         x, g = to_nhwc(x), to_nhwc(g)
     gpu, cpu = gpu_vs_cpu_inputs(cp, x, boxes, g, dtype)
     kw = dict(output_size=(3, 4), spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=aligned, mode=mode,
-              layout=layout)
+              layout=layout, allow_inverted=True)
     want = roialign_cy.roi_align(cpu[0], cpu[1], **kw)
     got = roialign_cy.roi_align(gpu[0], gpu[1], **kw)
     assert isinstance(got, cp.ndarray) and got.dtype == dtype
@@ -479,7 +479,7 @@ def test_gpu_roi_align_rotated_matches_cpu(cp, rng, shape, scale, sampling_ratio
         x, g = to_nhwc(x), to_nhwc(g)
     gpu, cpu = gpu_vs_cpu_inputs(cp, x, boxes, g, dtype)
     kw = dict(output_size=(3, 2), spatial_scale=scale, sampling_ratio=sampling_ratio, aligned=aligned,
-              clockwise=clockwise, layout=layout)
+              clockwise=clockwise, layout=layout, allow_inverted=True)
     want = roialign_cy.roi_align_rotated(cpu[0], cpu[1], **kw)
     assert_close(cp.asnumpy(roialign_cy.roi_align_rotated(gpu[0], gpu[1], **kw)), want, dtype, "forward")
     want_x, want_b = roialign_cy.roi_align_rotated_backward(cpu[2], cpu[0], cpu[1], wrt="both", **kw)

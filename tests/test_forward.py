@@ -7,7 +7,10 @@ import pytest
 from conftest import (box_forms, edge_case_boxes, make_features, random_boxes, sort_by_image, split_batch,
                       to_nchw, to_nhwc)
 from reference import roi_align_ref
-from roialign_cy import roi_align
+import roialign_cy
+from conftest import peers_convention
+
+roi_align = peers_convention(roialign_cy.roi_align)
 
 N, C, H, W = 2, 3, 9, 11
 SCALE = 0.5

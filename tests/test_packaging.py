@@ -78,14 +78,16 @@ def test_serial_build_without_openmp(tmp_path):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((2, 5, 9, 11))
         boxes = np.c_[rng.integers(0, 2, 7), rng.uniform(-2, 12, (7, 4))]
-        np.save("out.npy", roialign_cy.roi_align(x, boxes, 3, 0.5, 2, True, n_threads=4))
+        np.save("out.npy", roialign_cy.roi_align(x, boxes, 3, 0.5, 2, True, n_threads=4,
+                                              allow_inverted=True))
     """)
     subprocess.run([sys.executable, "-c", check], cwd=src, check=True)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 9, 11))
     boxes = np.c_[rng.integers(0, 2, 7), rng.uniform(-2, 12, (7, 4))]
     np.testing.assert_array_equal(np.load(src / "out.npy"),
-                                  roialign_cy.roi_align(x, boxes, 3, 0.5, 2, True))
+                                  roialign_cy.roi_align(x, boxes, 3, 0.5, 2, True,
+                                                        allow_inverted=True))
 
 
 def test_backend_selection():

@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import edge_case_boxes, make_features, random_boxes
-from roialign_cy import roi_align, roi_align_backward
+import roialign_cy
+from conftest import peers_convention
+
+roi_align = peers_convention(roialign_cy.roi_align)
+roi_align_backward = peers_convention(roialign_cy.roi_align_backward)
 
 N, C, H, W = 2, 3, 9, 11
 SCALE = 0.5

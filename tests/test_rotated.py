@@ -7,7 +7,12 @@ import pytest
 from conftest import (box_forms, f32_exact, make_features, random_rotated_boxes, sort_by_image, split_batch,
                       to_nchw, to_nhwc)
 from reference import numerical_box_grad, roi_align_rotated_backward_ref, roi_align_rotated_ref, rotated_samples
-from roialign_cy import roi_align, roi_align_rotated, roi_align_rotated_backward
+import roialign_cy
+from conftest import peers_convention
+
+roi_align = peers_convention(roialign_cy.roi_align)
+roi_align_rotated = peers_convention(roialign_cy.roi_align_rotated)
+roi_align_rotated_backward = peers_convention(roialign_cy.roi_align_rotated_backward)
 
 N, C, H, W = 2, 3, 9, 11
 SCALE = 0.5

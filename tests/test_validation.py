@@ -411,7 +411,7 @@ def test_one_empty_axis_does_not_hide_a_huge_one(op):
         boxes = np.array([[0, 5.0, 0.0, 1.0, 1e13]])
     go = {"grad_output": np.ones((1, C, 1, 1))} if op in BACKWARD else {}
     with raises(ValueError, "max_samples_per_bin"):
-        call(op, boxes=boxes, output_size=1, aligned=True, **go)
+        call(op, boxes=boxes, output_size=1, aligned=True, allow_inverted=True, **go)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +527,24 @@ def _flip(boxes, rotated):
     return b
 
 
+@pytest.mark.parametrize("op", ALL)
+@pytest.mark.parametrize("aligned", [False, True])
+def test_inverted_boxes_are_refused_by_default(op, aligned):
+    boxes = _flip(ROT_BOXES if _rotated(op) else AXIS_BOXES, _rotated(op))
+    go = {"grad_output": np.ones((len(boxes), C, 2, 3))} if op in BACKWARD else {}
+    with raises(ValueError, "allow_inverted=True"):
+        call(op, boxes=boxes, output_size=(2, 3), aligned=aligned, **go)
+    with raises(ValueError, "boxes must have"):
+        call(op, boxes=boxes, output_size=(2, 3), aligned=aligned, **go)
+    # degenerate (zero-size) boxes are not inverted
+    flat = (ROT_BOXES if _rotated(op) else AXIS_BOXES).copy()
+    if _rotated(op):
+        flat[:, 3] = 0
+    else:
+        flat[:, 3] = flat[:, 1]
+    call(op, boxes=flat, output_size=(2, 3), aligned=aligned, **go)
+
+
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("mode", ["avg", "max", "onnx_max"])
@@ -534,7 +552,7 @@ def test_inverted_boxes_follow_the_reference(aligned, sampling_ratio, mode):
     # legal: aligned=True keeps the negative size (no samples in adaptive mode, so 0; samples
     # walking backwards with a fixed ratio), aligned=False raises it to 1 pixel
     boxes = _flip(AXIS_BOXES, False)
-    out = roi_align(X, boxes, (2, 3), 1.0, sampling_ratio, aligned, mode=mode)
+    out = roi_align(X, boxes, (2, 3), 1.0, sampling_ratio, aligned, mode=mode, allow_inverted=True)
     rois, bidx = split_batch(boxes)
     expected = roi_align_ref(X, rois, bidx, 2, 3, 1.0, sampling_ratio, aligned, mode)
     assert np.all(np.isfinite(out))
@@ -543,7 +561,7 @@ def test_inverted_boxes_follow_the_reference(aligned, sampling_ratio, mode):
         assert not np.any(out)
     if mode != "onnx_max":
         grad = roi_align_backward(np.ones_like(out), X, boxes, (2, 3), 1.0, sampling_ratio,
-                                  aligned, mode=mode, wrt="both")
+                                  aligned, mode=mode, wrt="both", allow_inverted=True)
         np.testing.assert_allclose(
             grad[0], roi_align_backward_ref(np.ones_like(out), X, rois, bidx, 2, 3, 1.0,
                                             sampling_ratio, aligned, mode), rtol=1e-12, atol=1e-12)
@@ -554,12 +572,12 @@ def test_inverted_boxes_follow_the_reference(aligned, sampling_ratio, mode):
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 def test_negative_size_rotated_boxes_follow_the_reference(aligned, sampling_ratio):
     boxes = _flip(ROT_BOXES, True)
-    out = roi_align_rotated(X, boxes, (2, 3), 1.0, sampling_ratio, aligned)
+    out = roi_align_rotated(X, boxes, (2, 3), 1.0, sampling_ratio, aligned, allow_inverted=True)
     rois, bidx = split_batch(boxes)
     expected = roi_align_rotated_ref(X, rois, bidx, 2, 3, 1.0, sampling_ratio, aligned)
     np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
     grads = roi_align_rotated_backward(np.ones_like(out), X, boxes, (2, 3), 1.0, sampling_ratio,
-                                       aligned, wrt="both")
+                                       aligned, wrt="both", allow_inverted=True)
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
