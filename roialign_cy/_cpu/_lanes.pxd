@@ -1,9 +1,28 @@
 # NCHW kernels work on blocks of LANES planes copied to channels-last scratch, so that the inner
 # loops run over contiguous channels (vector code) as in the NHWC kernels.
 from cython cimport floating
+from libc.stdint cimport int64_t
 
 cdef enum:
     LANES = 16
+
+
+cdef struct BlockTask:
+    # one task of the NCHW block loops: image n, its planes c..c+nb (nb <= LANES), and the run
+    # lo..hi of its boxes within positions j0..j1 of the image-sorted box order
+    Py_ssize_t n, c, nb, lo, hi
+
+
+cdef inline BlockTask block_task(Py_ssize_t task, Py_ssize_t blocks, Py_ssize_t C,
+                                 const int64_t* img_start, Py_ssize_t j0,
+                                 Py_ssize_t j1) noexcept nogil:
+    cdef BlockTask b
+    b.n = task // blocks
+    b.c = (task % blocks) * LANES
+    b.nb = C - b.c if C - b.c < LANES else LANES
+    b.lo = img_start[b.n] if img_start[b.n] > j0 else j0
+    b.hi = img_start[b.n + 1] if img_start[b.n + 1] < j1 else j1
+    return b
 
 
 cdef inline void interleave_planes(const floating* planes, Py_ssize_t plane_size, Py_ssize_t n_planes,

@@ -21,7 +21,7 @@ from libc.string cimport memset
 import numpy as np
 
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
-from ._lanes cimport LANES, add_deinterleaved, deinterleave_bins, interleave_planes
+from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
 
 cdef enum:
     MODE_AVG = 0
@@ -323,6 +323,7 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     cdef Py_ssize_t blocks = (C + PLANE_BLOCK - 1) // PLANE_BLOCK, nb
     cdef floating* scratch
     cdef int alloc_failed[1]
+    cdef BlockTask bt
     cdef floating* obuf
     if interleave:
         # one task per (image, block of LANES channels): interleave the block into a
@@ -336,12 +337,9 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                 if scratch == NULL or obuf == NULL:
                     alloc_failed[0] = 1  # reported after the parallel region
                     continue
-                n = task // blocks
-                c = (task % blocks) * LANES
-                nb = C - c if C - c < LANES else LANES
+                bt = block_task(task, blocks, C, &img_start[0], j0, j1)
+                n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-                lo = img_start[n] if img_start[n] > j0 else j0
-                hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
                 for j in range(lo, hi):
                     k = order[j]
                     q = j - j0
@@ -481,6 +479,7 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
     cdef floating* gscratch
     cdef floating* fscratch
     cdef int alloc_failed[1]
+    cdef BlockTask bt
     cdef floating* gbuf
     alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
@@ -491,14 +490,11 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
             if gscratch == NULL or fscratch == NULL or gbuf == NULL:
                 alloc_failed[0] = 1  # reported after the parallel region
                 continue
-            n = task // blocks
-            c = (task % blocks) * LANES
-            nb = C - c if C - c < LANES else LANES
+            bt = block_task(task, blocks, C, &img_start[0], j0, j1)
+            n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
             memset(gscratch, 0, H * W * LANES * sizeof(floating))
             if mode != MODE_AVG:
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, fscratch)
-            lo = img_start[n] if img_start[n] > j0 else j0
-            hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0
@@ -672,6 +668,7 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     cdef floating* scratch
     cdef floating* gbuf
     cdef int alloc_failed[1]
+    cdef BlockTask bt
     cdef double[::1] partial
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
@@ -697,12 +694,9 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
             if scratch == NULL or gbuf == NULL:
                 alloc_failed[0] = 1  # reported after the parallel region
                 continue
-            n = task // blocks
-            c = (task % blocks) * LANES
-            nb = C - c if C - c < LANES else LANES
+            bt = block_task(task, blocks, C, &img_start[0], j0, j1)
+            n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
             interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-            lo = img_start[n] if img_start[n] > j0 else j0
-            hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0

@@ -17,7 +17,7 @@ from libc.string cimport memset
 import numpy as np
 
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
-from ._lanes cimport LANES, add_deinterleaved, deinterleave_bins, interleave_planes
+from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
 
 
 cdef struct Frame:
@@ -216,6 +216,7 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     cdef const floating[::1] w = t.w
     cdef floating* scratch
     cdef int alloc_failed[1]
+    cdef BlockTask bt
     cdef floating* obuf
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
@@ -238,12 +239,9 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                 if scratch == NULL or obuf == NULL:
                     alloc_failed[0] = 1  # reported after the parallel region
                     continue
-                n = task // blocks
-                c = (task % blocks) * LANES
-                nb = C - c if C - c < LANES else LANES
+                bt = block_task(task, blocks, C, &img_start[0], j0, j1)
+                n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-                lo = img_start[n] if img_start[n] > j0 else j0
-                hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
                 for j in range(lo, hi):
                     k = order[j]
                     q = j - j0
@@ -277,6 +275,7 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
     cdef const floating[::1] w = t.w
     cdef floating* gscratch
     cdef int alloc_failed[1]
+    cdef BlockTask bt
     cdef floating* gbuf
     if channels_last:
         N, H, W, C = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
@@ -303,12 +302,9 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
             if gscratch == NULL or gbuf == NULL:
                 alloc_failed[0] = 1  # reported after the parallel region
                 continue
-            n = task // blocks
-            c = (task % blocks) * LANES
-            nb = C - c if C - c < LANES else LANES
+            bt = block_task(task, blocks, C, &img_start[0], j0, j1)
+            n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
             memset(gscratch, 0, H * W * LANES * sizeof(floating))
-            lo = img_start[n] if img_start[n] > j0 else j0
-            hi = img_start[n + 1] if img_start[n + 1] < j1 else j1
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0
@@ -432,12 +428,13 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     """NHWC: one thread per box. NCHW: one task per (image, block of LANES planes) from
     channels-last scratch, each writing its own partial sums per box, then added up per box in
     block order. Either way the result does not depend on the thread count."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, K = rois.shape[0], n, c, nb, cc, i, task, blocks
+    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, K = rois.shape[0], n, c, nb, cc, i, task, blocks, lo, hi
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef floating* scratch
     cdef floating* gbuf
     cdef int alloc_failed[1]
+    cdef BlockTask bt
     cdef double[:, ::1] partial
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
@@ -461,11 +458,10 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                 if scratch == NULL or gbuf == NULL:
                     alloc_failed[0] = 1  # reported after the parallel region
                     continue
-                n = task // blocks
-                c = (task % blocks) * LANES
-                nb = C - c if C - c < LANES else LANES
+                bt = block_task(task, blocks, C, &img_start[0], 0, K)
+                n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-                for j in range(img_start[n], img_start[n + 1]):
+                for j in range(lo, hi):
                     k = order[j]
                     interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                     box_grad(&rois[k, 0], &partial[k * blocks + task % blocks, 0], scratch, 0, 0,
