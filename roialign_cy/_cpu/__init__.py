@@ -32,6 +32,10 @@ def _group_by_image(batch_idx, n_images):
 def _chunks(per_box_entries, order):
     """Split the sorted positions into runs whose tables hold at most _TABLE_ENTRIES_PER_CHUNK."""
     sizes = per_box_entries[order]
+    if sizes.sum() <= _TABLE_ENTRIES_PER_CHUNK:  # the usual case: one chunk, no Python loop
+        if len(order):
+            yield 0, len(order)
+        return
     j0, acc = 0, 0
     for j, s in enumerate(sizes.tolist()):
         if acc and acc + s > _TABLE_ENTRIES_PER_CHUNK:
@@ -70,8 +74,7 @@ _INTERLEAVE_MIN_SAMPLES_PER_PIXEL = 1.0
 def _interleave(gh, gw, boxes, n, c, h, w, p, n_threads):
     if p.channels_last:
         return False
-    lanes = 16
-    if n * -(-c // lanes) < n_threads:
+    if n * -(-c // _roi_align.BLOCK_CHANNELS) < n_threads:
         return False
     samples = float(np.sum(gh[boxes] * gw[boxes])) * p.pooled_h * p.pooled_w
     return samples >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w

@@ -29,9 +29,9 @@ cdef enum:
     MODE_ONNX_MAX = 2
     # channels per task of the NHWC feature gradient (and stack buffers of its max mode)
     CHANNEL_BLOCK = 64
-    # NCHW planes pooled together in average mode: the table reads and index arithmetic of a
-    # sample are shared by this many planes, and 4 planes of a detector's feature map
-    # (4 x 200 x 304 floats) still fit the L2 cache
+    # NCHW planes pooled together by one box-split task in average mode (when too few boxes pay
+    # for the channels-last copy): the table reads and index arithmetic of a sample are shared
+    # by this many planes
     PLANE_BLOCK = 4
 
 
@@ -74,6 +74,10 @@ cdef inline floating tap_max(floating a0, floating a1, floating b0, floating b1,
     if t > m:
         m = t
     return m
+
+
+# channels of one block of the NCHW block loops, for the Python driver's work estimate
+BLOCK_CHANNELS = LANES
 
 
 cdef class _Tables:
