@@ -45,28 +45,15 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     p = OpParams(pooled_h=ph, pooled_w=pw, spatial_scale=scale, sampling_ratio=sampling_ratio,
                  aligned=aligned, mode=mode, channels_last=layout == "NHWC", rotated=rotated,
                  clockwise=clockwise, n_threads=n_threads, deterministic=deterministic)
-    v.sample_bound(max_samples_per_bin, *_grid_estimate(rois, p))
+    v.sample_bound(max_samples_per_bin, *_grid_sizes(rois, p))
     return _backends.module(backend), features, shape, rois, batch_idx, form, p
 
 
-def _grid_estimate(rois, p):
-    """Samples per bin along y and x of every box, in float64 (for the bound check only)."""
-    xp = v.xp_of("cuda") if not isinstance(rois, np.ndarray) else np
-    if p.sampling_ratio > 0:
-        k = rois.shape[0]
-        return np.full(k, p.sampling_ratio), np.full(k, p.sampling_ratio)
-    r = rois.astype(xp.float64)
-    if p.rotated:
-        h, w = r[:, 3] * p.spatial_scale, r[:, 2] * p.spatial_scale
-    else:
-        h, w = (r[:, 3] - r[:, 1]) * p.spatial_scale, (r[:, 2] - r[:, 0]) * p.spatial_scale
-    if not p.aligned:
-        h, w = xp.maximum(h, 1), xp.maximum(w, 1)
-    gh = xp.maximum(xp.ceil(h / p.pooled_h), 0)
-    gw = xp.maximum(xp.ceil(w / p.pooled_w), 0)
-    if xp is not np:
-        gh, gw = gh.get(), gw.get()
-    return gh, gw
+def _grid_sizes(rois, p):
+    """Samples per bin along y and x of every box, by the same compiled rule the kernels use."""
+    from . import _cpu
+
+    return _cpu.grid_sizes(rois if isinstance(rois, np.ndarray) else rois.get(), p)
 
 
 def _out_shape(shape, k, p):
@@ -89,6 +76,7 @@ def _check_out(out, shape, dtype, backend):
 def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
              layout, batch_indices, backend, n_threads, out, max_samples_per_bin, clockwise=False,
              allow_inverted=False):
+    original = features
     be, features, shape, rois, batch_idx, form, p = _prepare(
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
@@ -98,6 +86,8 @@ def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, al
         out = v.xp_of(_backend_name(be)).empty(oshape, features.dtype)
     else:
         out = _check_out(out, oshape, features.dtype, _backend_name(be))
+        v.no_overlap(out, {"features": features, "boxes": boxes, "batch_indices": batch_indices})
+        v.no_overlap(out, {"features": original, "boxes": rois, "batch_indices": batch_idx})
     be.forward(features, rois, batch_idx, out, p)
     return out
 
@@ -111,10 +101,16 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
               max_samples_per_bin, clockwise=False, allow_inverted=False):
     wrt = v.check_choice("wrt", wrt, _WRT)
     shape_only = isinstance(features, (tuple, list)) and not _looks_like_array(features)
-    if shape_only and (wrt != "features" or mode != "avg"):
+    if shape_only and wrt != "features":
         raise ValueError(
-            "features must be the feature array (not just its shape) for wrt='boxes'/'both' or "
-            f"mode={mode!r}: those gradients read the feature values"
+            f"features must be the feature array, not just its shape, for wrt={wrt!r}: the box "
+            "gradient reads the feature values (only the feature gradient in avg mode works from "
+            "the shape)"
+        )
+    if shape_only and mode != "avg":
+        raise ValueError(
+            f"features must be the feature array, not just its shape, for mode={mode!r}: the "
+            "max-mode gradient reads the feature values to find each bin's maximum"
         )
     if mode == "onnx_max":
         raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "

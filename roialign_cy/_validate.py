@@ -45,18 +45,18 @@ def check_int(name, value, minimum=None):
 
 
 def output_size(value):
-    """int or (height, width) pair of positive ints -> (PH, PW)."""
+    """int or ordered (height, width) pair of positive ints (tuple, list or 1-d array) -> (PH, PW).
+    Sets, dicts and iterators are refused: their order is not the caller's."""
     if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
         value = (value, value)
-    try:
-        if isinstance(value, (str, bytes)):  # iterable, but never a pair of ints
-            raise TypeError
-        pair = tuple(value)
-    except TypeError:
-        raise TypeError(f"output_size must be an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2:
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = tuple(value.tolist())
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"output_size must be an int or a (height, width) tuple, list or array, "
+                        f"got {type(value).__name__} {value!r}")
+    if len(value) != 2:
         raise ValueError(f"output_size must be an int or a pair of ints, got {value!r}")
-    return tuple(check_int("output_size", v, minimum=1) for v in pair)
+    return tuple(check_int("output_size", v, minimum=1) for v in value)
 
 
 def spatial_scale(value):
@@ -80,6 +80,8 @@ def n_threads(value):
 def features(array, layout, backend):
     """Float feature map of rank 4 -> C-contiguous array (no copy when already so)."""
     xp = xp_of(backend)
+    if array is None or isinstance(array, (str, bytes, numbers.Number)):
+        raise TypeError(f"features must be a float array of rank 4, got {type(array).__name__}")
     if backend == "cpu" and not isinstance(array, np.ndarray):
         try:
             array = np.asarray(array)
@@ -145,9 +147,17 @@ def boxes(value, n_images, batch_indices, width, dtype, backend, name="boxes"):
         parts, idx = [], []
         for i, part in enumerate(value):
             part = part if backend == "cuda" else np.asarray(part)
+            if part.ndim == 1 and part.shape[0] in (width, width + 1):
+                raise ValueError(
+                    f"{name} is a list, which means one (L, {width}) array of boxes per image (the "
+                    f"list position is the batch index), but {name}[{i}] is a single row of "
+                    f"{part.shape[0]}; for a table of [batch_index, {coords}] rows pass "
+                    f"np.asarray({name})"
+                )
             if part.ndim != 2 or part.shape[1] != width:
                 raise ValueError(
-                    f"{name}[{i}] must have shape (L, {width}) [{coords}], got {tuple(part.shape)}"
+                    f"{name}[{i}] must have shape (L, {width}) [{coords}] (a list holds one array "
+                    f"per image), got {tuple(part.shape)}"
                 )
             _check_real(f"{name}[{i}]", part)
             with np.errstate(over="ignore"):  # overflow to inf is reported below
@@ -266,6 +276,28 @@ def sample_bound(max_samples_per_bin, gh, gw):
 
 def max_samples(value):
     return check_int("max_samples_per_bin", value, minimum=1)
+
+
+def no_overlap(out, inputs):
+    """Refuse an ``out`` that shares memory with any input (the kernels read the inputs while they
+    write ``out``: aliasing gives wrong numbers, or reads of freed memory)."""
+    xp = np if isinstance(out, np.ndarray) else xp_of("cuda")
+    for name, arr in inputs.items():
+        parts = arr if isinstance(arr, (list, tuple)) else [arr]
+        for part in parts:
+            if isinstance(part, xp.ndarray) and _overlaps(out, part, xp):
+                raise ValueError(f"out must not share memory with {name}")
+
+
+def _overlaps(a, b, xp):
+    if not xp.may_share_memory(a, b):
+        return False
+    if xp is not np:
+        return True
+    try:
+        return bool(np.shares_memory(a, b, max_work=1 << 20))
+    except Exception:  # numpy's TooHardError: too costly to decide, so refuse
+        return True
 
 
 __all__ = [

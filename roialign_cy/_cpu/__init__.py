@@ -1,18 +1,61 @@
-"""CPU backend: drives the Cython kernels (contract in ``roialign_cy._backends``)."""
+"""CPU backend: drives the Cython kernels (contract in ``roialign_cy._backends``).
+
+Memory. Besides the output, a call holds
+- sampling tables of at most ``TABLE_ENTRIES_PER_CHUNK`` entries at once (boxes are processed in
+  chunks; a rotated box whose own table is larger is split into pieces of whole bins, so only a
+  single bin of more samples than that exceeds it). An axis-aligned box's tables are its samples
+  along each axis (gh * PH + gw * PW entries, not gh * gw * PH * PW); one box needing more than
+  ``TABLE_ENTRIES_PER_BOX`` of them, or a rotated bin of more samples than that, is a MemoryError
+  before anything is allocated;
+- for NCHW with the channels-last block strategy, per thread one block of LANES planes of one
+  image (at most ``SCRATCH_BYTES_PER_THREAD``; beyond that, or with fewer than LANES channels, the
+  kernels read the planes directly instead).
+
+Fork. GNU OpenMP's thread pool does not survive ``fork()``: a parallel region in a forked child of
+a process that already ran one waits forever for the parent's threads. As PyTorch does, a forked
+child runs the kernels on one thread (``os.register_at_fork``); results do not depend on the
+thread count, so only the speed differs. Pools started with "spawn" or "forkserver" are not
+affected.
+"""
+import os
+
 import numpy as np
 
 from . import _roi_align, _roi_align_rotated
-from ._openmp import effective_n_threads, openmp_enabled
+from ._openmp import effective_n_threads as _openmp_threads, openmp_enabled
 
-_MODE = {"avg": 0, "max": 1, "onnx_max": 2}
-# Bound on the table entries built at once; boxes beyond it are processed in further chunks so that
-# memory stays flat whatever the sampling ratio.
-_TABLE_ENTRIES_PER_CHUNK = 1 << 22
-
+# table entries (one sample along one axis, or one rotated sample's 4 taps) built at once
+TABLE_ENTRIES_PER_CHUNK = 1 << 22
+# the largest table one axis-aligned box, or one rotated bin, may need (about 5 GB): past it the
+# call could not run in any reasonable time either
+TABLE_ENTRIES_PER_BOX = 1 << 27
+# channels-last scratch of the NCHW block strategy, per thread
+SCRATCH_BYTES_PER_THREAD = 64 << 20
 
 # Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
 # elements x samples per bin) per thread use fewer threads. Results do not depend on the count.
 _MIN_WORK_PER_THREAD = 1 << 16
+# The NCHW kernels copy blocks of planes to channels-last scratch when the boxes take at least this
+# many bilinear samples per feature pixel (the copy costs about one read of the map; measured on
+# the benchmark workloads, see benchmarks/).
+_INTERLEAVE_MIN_SAMPLES_PER_PIXEL = 1.0
+
+_forked_child = False
+
+
+def _after_fork_in_child():
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def effective_n_threads(n_threads=None):
+    """Threads a kernel will use: ``n_threads`` if given, else OpenMP's default; 1 in a forked
+    child (see the module docstring) and in a build without OpenMP."""
+    return 1 if _forked_child else _openmp_threads(n_threads)
 
 
 def _n_threads(p, n_outputs):
@@ -21,76 +64,140 @@ def _n_threads(p, n_outputs):
     return int(max(1, min(wanted, n_outputs * samples // _MIN_WORK_PER_THREAD)))
 
 
+def _shape(array, p):
+    if p.channels_last:
+        n, h, w, c = array.shape
+    else:
+        n, c, h, w = array.shape
+    return n, c, h, w
+
+
+def grid_sizes(rois, p):
+    """Samples per bin (gh, gw) of every box, int64 (saturated at ``_params.GRID_SATURATE``): the
+    one statement of the grid rule that the bound checks and the kernels share."""
+    kernels = _roi_align_rotated if p.rotated else _roi_align
+    return kernels.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale, p.sampling_ratio,
+                              p.aligned)
+
+
+def check_table_sizes(gh, gw, p):
+    """MemoryError, before any allocation, for a box whose tables alone cannot be built."""
+    if not len(gh):
+        return
+    gh, gw = gh.astype(np.float64), gw.astype(np.float64)
+    if p.rotated:
+        need = gh * gw * 4  # one bin: its samples' 4 taps
+        what = "one bin of rotated box {k} takes {n:.4g} table entries (its samples' taps)"
+    else:
+        need = gh * p.pooled_h + gw * p.pooled_w
+        what = "box {k} takes {n:.4g} sampling-table entries (gh * PH + gw * PW)"
+    k = int(np.argmax(need))
+    if need[k] > TABLE_ENTRIES_PER_BOX:
+        raise MemoryError(
+            what.format(k=k, n=need[k]) + f", more than the {TABLE_ENTRIES_PER_BOX} the CPU "
+            "backend builds at once; pass a smaller sampling_ratio or output_size"
+        )
+
+
 def _group_by_image(batch_idx, n_images):
     """Positions of the boxes sorted by image (stable, so the visiting order is fixed) and where
     each image's run starts."""
+    if n_images == 1:  # the usual inference call: nothing to sort
+        return np.arange(len(batch_idx), dtype=np.int64), np.array([0, len(batch_idx)], np.int64)
     order = np.argsort(batch_idx, kind="stable").astype(np.int64)
     img_start = np.searchsorted(batch_idx[order], np.arange(n_images + 1)).astype(np.int64)
     return order, img_start
 
 
-def _chunks(per_box_entries, order):
-    """Split the sorted positions into runs whose tables hold at most _TABLE_ENTRIES_PER_CHUNK."""
-    sizes = per_box_entries[order]
-    if sizes.sum() <= _TABLE_ENTRIES_PER_CHUNK:  # the usual case: one chunk, no Python loop
-        if len(order):
-            yield 0, len(order)
+def _chunks(sizes):
+    """Split a sequence of table sizes into runs of at most TABLE_ENTRIES_PER_CHUNK entries (a
+    single larger item makes a run of its own)."""
+    if sizes.sum() <= TABLE_ENTRIES_PER_CHUNK:  # the usual case: one chunk, no Python loop
+        if len(sizes):
+            yield 0, len(sizes)
         return
     j0, acc = 0, 0
     for j, s in enumerate(sizes.tolist()):
-        if acc and acc + s > _TABLE_ENTRIES_PER_CHUNK:
+        if acc and acc + s > TABLE_ENTRIES_PER_CHUNK:
             yield j0, j
             j0, acc = j, 0
         acc += s
-    if j0 < len(order):
-        yield j0, len(order)
+    if j0 < len(sizes):
+        yield j0, len(sizes)
 
 
-def _shape(features, p):
-    if p.channels_last:
-        n, h, w, c = features.shape
-    else:
-        n, c, h, w = features.shape
-    return n, c, h, w
-
-
-def _axis_aligned_runs(rois, batch_idx, n_images, height, width, p, n_threads):
-    """Yield (order, img_start, j0, j1, gh, gw, tables) for each chunk of boxes."""
-    gh, gw = _roi_align.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
-                                   p.sampling_ratio, p.aligned)
-    order, img_start = _group_by_image(batch_idx, n_images)
-    for j0, j1 in _chunks(gh * p.pooled_h + gw * p.pooled_w, order):
-        t = _roi_align.make_tables(rois, order, j0, j1, gh, gw, height, width, p.pooled_h,
-                                   p.pooled_w, p.spatial_scale, p.aligned, n_threads)
-        yield order, img_start, j0, j1, gh, gw, t
-
-
-# The NCHW kernels copy blocks of planes to channels-last scratch when the boxes take at least this
-# many bilinear samples per feature pixel (the copy costs about one read of the map; measured on
-# the benchmark workloads, see benchmarks/).
-_INTERLEAVE_MIN_SAMPLES_PER_PIXEL = 1.0
-
-
-def _interleave(gh, gw, boxes, n, c, h, w, p, n_threads):
-    if p.channels_last:
+def _use_blocks(samples, n, c, h, w, itemsize, n_threads, forward):
+    """The NCHW strategy: copy blocks of LANES planes to channels-last scratch (vector code over
+    channels), or read the planes directly. Blocks pay when the boxes take at least about one
+    sample per feature pixel (the copy is one read of the map), when a block is full
+    (C >= LANES), and when a block fits the scratch bound; the forward also needs enough
+    (image, block) tasks to keep the threads busy, since otherwise it splits the boxes."""
+    lanes = _roi_align.BLOCK_CHANNELS
+    if c < lanes or h * w * lanes * itemsize > SCRATCH_BYTES_PER_THREAD:
         return False
-    if n * -(-c // _roi_align.BLOCK_CHANNELS) < n_threads:
+    if forward and n * -(-c // lanes) < n_threads:
         return False
-    samples = float(np.sum(gh[boxes] * gw[boxes])) * p.pooled_h * p.pooled_w
     return samples >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w
 
 
-def _rotated_runs(rois, batch_idx, n_images, height, width, p, n_threads):
-    """Yield (order, img_start, j0, j1, gh, gw, sample tables) for each chunk of rotated boxes."""
-    gh, gw = _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
-                                           p.sampling_ratio, p.aligned)
-    order, img_start = _group_by_image(batch_idx, n_images)
-    # a sample costs 4 table entries of each kind
-    for j0, j1 in _chunks(gh * gw * (p.pooled_h * p.pooled_w * 4), order):
-        t = _roi_align_rotated.make_tables(rois, order, j0, j1, gh, gw, height, width,
-                                           p.pooled_h, p.pooled_w, p.spatial_scale, p.aligned,
-                                           p.clockwise, n_threads)
-        yield order, img_start, j0, j1, gh, gw, t
+class _Run:
+    """The boxes of one call, sorted by image, with their grid sizes: what every kernel of the call
+    shares. ``chunks(h, w, n_threads)`` yields (j0, j1, tables) over positions of ``order``
+    (rotated: of the pieces ``order``/``bin0``/``bin1``)."""
+
+    def __init__(self, rois, batch_idx, n_images, p):
+        self.rois, self.p = rois, p
+        self.gh, self.gw = grid_sizes(rois, p)
+        check_table_sizes(self.gh, self.gw, p)
+        self.order, self.img_start = _group_by_image(batch_idx, n_images)
+        n_bins = p.pooled_h * p.pooled_w
+        if p.rotated:
+            self._pieces(n_bins)
+
+    def _pieces(self, n_bins):
+        """Split rotated boxes whose table exceeds the chunk bound into runs of whole bins."""
+        per_bin = (self.gh * self.gw * 4)[self.order]
+        bins_per_piece = np.clip(TABLE_ENTRIES_PER_CHUNK // np.maximum(per_bin, 1), 1, n_bins)
+        n_pieces = -(-n_bins // bins_per_piece)
+        if (n_pieces == 1).all():
+            self.bin0 = np.zeros(len(self.order), np.int64)
+            self.bin1 = np.full(len(self.order), n_bins, np.int64)
+            return
+        box = np.repeat(self.order, n_pieces)
+        first = np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+        self.bin0 = (np.arange(len(box)) - first) * np.repeat(bins_per_piece, n_pieces)
+        self.bin1 = np.minimum(self.bin0 + np.repeat(bins_per_piece, n_pieces), n_bins)
+        # piece positions where each image's run starts
+        self.img_start = np.concatenate([[0], np.cumsum(n_pieces)])[self.img_start]
+        self.order = box
+
+    def samples(self, j0, j1):
+        sel = self.order[j0:j1]
+        bins = (self.bin1[j0:j1] - self.bin0[j0:j1]) if self.p.rotated else self.p.pooled_h * self.p.pooled_w
+        return float(np.sum(self.gh[sel] * self.gw[sel] * bins))
+
+    def chunks(self, h, w, n_threads):
+        p = self.p
+        if p.rotated:
+            sizes = self.gh[self.order] * self.gw[self.order] * (self.bin1 - self.bin0) * 4
+        else:
+            sizes = (self.gh * p.pooled_h + self.gw * p.pooled_w)[self.order]
+        for j0, j1 in _chunks(sizes):
+            if p.rotated:
+                t = _roi_align_rotated.make_tables(
+                    self.rois, self.order, self.bin0, self.bin1, j0, j1, self.gh, self.gw, h, w,
+                    p.pooled_h, p.pooled_w, p.spatial_scale, p.aligned, p.clockwise, n_threads)
+            else:
+                t = _roi_align.make_tables(
+                    self.rois, self.order, j0, j1, self.gh, self.gw, h, w, p.pooled_h,
+                    p.pooled_w, p.spatial_scale, p.aligned, n_threads)
+            yield j0, j1, t
+
+    def where(self):
+        """The leading kernel arguments that say which boxes (or pieces) run."""
+        if self.p.rotated:
+            return self.order, self.bin0, self.bin1, self.img_start
+        return self.order, self.img_start
 
 
 def forward(features, rois, batch_idx, out, p):
@@ -98,21 +205,16 @@ def forward(features, rois, batch_idx, out, p):
         return
     n_threads = _n_threads(p, out.size)
     n, c, h, w = _shape(features, p)
-    if p.rotated:
-        for order, img_start, j0, j1, gh, gw, t in _rotated_runs(rois, batch_idx, n, h, w, p,
-                                                                  n_threads):
-            _roi_align_rotated.forward(features, batch_idx, order, img_start, j0, j1, gh, gw, t,
-                                       out, p.channels_last,
-                                       _interleave(gh, gw, order[j0:j1], n, c, h, w, p,
-                                                   n_threads),
-                                       n_threads)
-        return
-    for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,
-                                                                   n_threads):
-        _roi_align.forward(features, batch_idx, order, img_start, j0, j1, gh, gw, t, out,
-                           _MODE[p.mode], p.channels_last,
-                           _interleave(gh, gw, order[j0:j1], n, c, h, w, p, n_threads),
-                           n_threads)
+    run = _Run(rois, batch_idx, n, p)
+    for j0, j1, t in run.chunks(h, w, n_threads):
+        blocks = not p.channels_last and _use_blocks(run.samples(j0, j1), n, c, h, w,
+                                                     features.itemsize, n_threads, True)
+        if p.rotated:
+            _roi_align_rotated.forward(features, batch_idx, *run.where(), j0, j1, run.gh, run.gw,
+                                       t, out, p.channels_last, blocks, n_threads)
+        else:
+            _roi_align.forward(features, batch_idx, *run.where(), j0, j1, run.gh, run.gw, t, out,
+                               _roi_align.MODES[p.mode], p.channels_last, blocks, n_threads)
 
 
 def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
@@ -122,40 +224,46 @@ def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
     n, c, h, w = _shape(grad_features, p)
     if features is None:
         features = grad_features  # avg mode reads no feature value; any array of the shape will do
-    if p.rotated:
-        for order, img_start, j0, j1, gh, gw, t in _rotated_runs(rois, batch_idx, n, h, w, p,
-                                                                  n_threads):
-            _roi_align_rotated.backward_features(grad_out, batch_idx, order, img_start, j0, j1,
-                                                 gh, gw, t, grad_features, p.channels_last,
-                                                 n_threads)
-        return
-    for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,
-                                                                   n_threads):
-        _roi_align.backward_features(grad_out, features, batch_idx, order, img_start, j0, j1, gh,
-                                     gw, t, grad_features, _MODE[p.mode], p.channels_last,
-                                     n_threads)
+    run = _Run(rois, batch_idx, n, p)
+    for j0, j1, t in run.chunks(h, w, n_threads):
+        blocks = not p.channels_last and _use_blocks(run.samples(j0, j1), n, c, h, w,
+                                                     grad_features.itemsize, n_threads, False)
+        if p.rotated:
+            _roi_align_rotated.backward_features(grad_out, batch_idx, *run.where(), j0, j1,
+                                                 run.gh, run.gw, t, grad_features,
+                                                 p.channels_last, blocks, n_threads)
+        else:
+            _roi_align.backward_features(grad_out, features, batch_idx, *run.where(), j0, j1,
+                                         run.gh, run.gw, t, grad_features,
+                                         _roi_align.MODES[p.mode], p.channels_last, blocks,
+                                         n_threads)
 
 
 def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
     if grad_out.size == 0:
         return
     n_threads = _n_threads(p, grad_out.size)
+    n, c, h, w = _shape(features, p)
     if p.rotated:
-        gh, gw = _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
-                                               p.sampling_ratio, p.aligned)
-        order, img_start = _group_by_image(batch_idx, features.shape[0])
+        # computes its samples on the fly (no tables), box by box
+        gh, gw = grid_sizes(rois, p)
+        check_table_sizes(gh, gw, p)
+        order, img_start = _group_by_image(batch_idx, n)
+        samples = float(np.sum(gh * gw)) * p.pooled_h * p.pooled_w
+        blocks = not p.channels_last and _use_blocks(samples, n, c, h, w, features.itemsize,
+                                                     n_threads, False)
         _roi_align_rotated.backward_boxes(grad_out, features, rois, batch_idx, order, img_start,
                                           gh, gw, grad_rois, p.spatial_scale, p.aligned,
-                                          p.clockwise, p.channels_last, n_threads)
+                                          p.clockwise, p.channels_last, blocks, n_threads)
         return
-    n, c, h, w = _shape(features, p)
-    for order, img_start, j0, j1, gh, gw, t in _axis_aligned_runs(rois, batch_idx, n, h, w, p,
-                                                                   n_threads):
-        _roi_align.backward_boxes(grad_out, features, rois, batch_idx, order, img_start, j0, j1,
-                                  gh, gw, t,
-                                  grad_rois, p.spatial_scale, p.aligned, _MODE[p.mode],
-                                  p.channels_last, n_threads)
+    run = _Run(rois, batch_idx, n, p)
+    for j0, j1, t in run.chunks(h, w, n_threads):
+        blocks = not p.channels_last and _use_blocks(run.samples(j0, j1), n, c, h, w,
+                                                     features.itemsize, n_threads, False)
+        _roi_align.backward_boxes(grad_out, features, rois, batch_idx, *run.where(), j0, j1,
+                                  run.gh, run.gw, t, grad_rois, p.spatial_scale, p.aligned,
+                                  _roi_align.MODES[p.mode], p.channels_last, blocks, n_threads)
 
 
 __all__ = ["forward", "backward_features", "backward_boxes", "effective_n_threads",
-           "openmp_enabled"]
+           "openmp_enabled", "grid_sizes", "check_table_sizes"]

@@ -1,7 +1,16 @@
 # Geometry shared by every CPU kernel (axis-aligned and rotated, forward and backward): where the
-# sampling points of a bin lie and which pixels a bilinear sample reads. Spec sections 1, 4 and 5.
+# sampling points of a bin lie and which pixels a bilinear sample reads (docs/conventions.md,
+# sections 1, 4 and 5).
 from cython cimport floating
 from libc.math cimport ceil
+
+cdef extern from *:
+    """
+    /* a grid size no call can use (its tables alone would not fit in memory): larger sizes
+       saturate here; roialign_cy._params.GRID_SATURATE is the same number */
+    #define ROIALIGN_GRID_SATURATE ((Py_ssize_t)1 << 40)
+    """
+    Py_ssize_t GRID_SATURATE "ROIALIGN_GRID_SATURATE"
 
 
 cdef inline Py_ssize_t grid_size(Py_ssize_t sampling_ratio, floating roi_size,
@@ -9,13 +18,16 @@ cdef inline Py_ssize_t grid_size(Py_ssize_t sampling_ratio, floating roi_size,
     """Samples per bin along one axis: fixed, or adaptive ceil(roi / pooled).
 
     A non-positive adaptive size (degenerate or inverted aligned box) means no samples: output 0.
-    The caller bounds roi / pooled (max_samples_per_bin), so the cast cannot overflow.
+    Sizes past GRID_SATURATE saturate there (the float-to-integer cast would be undefined), so the
+    caller's bound check sees a size it refuses instead of a wrapped one.
     """
     cdef floating g
     if sampling_ratio > 0:
         return sampling_ratio
     g = ceil(roi_size / <floating>pooled)
-    return <Py_ssize_t>g if g > 0 else 0
+    if not g > 0:  # NaN included
+        return 0
+    return <Py_ssize_t>g if g < GRID_SATURATE else GRID_SATURATE
 
 
 cdef inline floating sample_coord(floating start, floating bin_size, Py_ssize_t p, Py_ssize_t i,
@@ -36,8 +48,8 @@ cdef inline bint bilinear_axis(floating c, Py_ssize_t size, Py_ssize_t* lo, Py_s
     """One axis of a bilinear sample at coordinate c on an axis of ``size`` pixels.
 
     Sets the two taps and their weights, and ``slope`` = d(w_hi)/dc (0 where c is clamped).
-    Returns False for a sample outside [-1, size] (NaN included): its value is 0, its weights are
-    0 and its taps point at pixel 0 so that callers may read them unconditionally.
+    Returns False for a sample outside [-1, size] (NaN included): its value is 0 and callers must
+    not read its taps (they point at pixel 0 with weight 0, and 0 * NaN is NaN).
     """
     cdef Py_ssize_t l
     cdef floating f
@@ -66,3 +78,19 @@ cdef inline bint bilinear_axis(floating c, Py_ssize_t size, Py_ssize_t* lo, Py_s
     w_lo[0] = 1 - f
     w_hi[0] = f
     return True
+
+
+cdef inline void valid_run(bint ok, Py_ssize_t i, Py_ssize_t* rng) noexcept nogil:
+    """Grow rng[0]..rng[1] (first valid sample, one past the last) by sample i when it is valid.
+    Along one axis the samples of a bin are monotonic in i (rounding is monotonic), so the valid
+    ones form one run and a bin's valid samples are a rectangle of its grid."""
+    if ok:
+        if rng[1] <= rng[0]:
+            rng[0] = i
+        rng[1] = i + 1
+
+
+cdef inline bint takes_max(floating v, floating best, bint first) noexcept nogil:
+    """Max pooling's update rule: the first of equal maxima is kept, and a NaN sample wins and stays
+    (numpy.max's rule: NaN propagates)."""
+    return first or v > best or (v != v and best == best)

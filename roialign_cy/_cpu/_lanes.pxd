@@ -8,31 +8,35 @@ cdef enum:
 
 
 cdef struct BlockTask:
-    # one task of the NCHW block loops: image n, its planes c..c+nb (nb <= LANES), and the run
-    # lo..hi of its boxes within positions j0..j1 of the image-sorted box order
+    # one task of the NCHW loops: image n, its planes c..c+nb (nb <= width), and the run lo..hi of
+    # its boxes within positions j0..j1 of the image-sorted box order
     Py_ssize_t n, c, nb, lo, hi
 
 
 cdef inline BlockTask block_task(Py_ssize_t task, Py_ssize_t blocks, Py_ssize_t C,
-                                 const int64_t* img_start, Py_ssize_t j0,
-                                 Py_ssize_t j1) noexcept nogil:
+                                 const int64_t* img_start, Py_ssize_t j0, Py_ssize_t j1,
+                                 Py_ssize_t width=LANES) noexcept nogil:
+    """Task number -> BlockTask, for ``blocks`` blocks of ``width`` planes per image."""
     cdef BlockTask b
     b.n = task // blocks
-    b.c = (task % blocks) * LANES
-    b.nb = C - b.c if C - b.c < LANES else LANES
+    b.c = (task % blocks) * width
+    b.nb = C - b.c if C - b.c < width else width
     b.lo = img_start[b.n] if img_start[b.n] > j0 else j0
     b.hi = img_start[b.n + 1] if img_start[b.n + 1] < j1 else j1
     return b
 
 
 cdef inline void interleave_planes(const floating* planes, Py_ssize_t plane_size, Py_ssize_t n_planes,
-                            floating* block) noexcept nogil:
-    """block[i * LANES + c] = planes[c * plane_size + i]; lanes past n_planes are zero. Done in
-    runs of pixels so that reads and writes both stay in L1."""
+                            floating* block, Py_ssize_t n_pixels=-1) noexcept nogil:
+    """block[i * LANES + c] = planes[c * plane_size + i] for i < n_pixels (default: plane_size);
+    lanes past n_planes are zero. Done in runs of pixels so that reads and writes both stay in
+    L1."""
     cdef Py_ssize_t i0, i1, i, c
     cdef const floating* src
-    for i0 in range(0, plane_size, 512):
-        i1 = i0 + 512 if i0 + 512 < plane_size else plane_size
+    if n_pixels < 0:
+        n_pixels = plane_size
+    for i0 in range(0, n_pixels, 512):
+        i1 = i0 + 512 if i0 + 512 < n_pixels else n_pixels
         for c in range(LANES):
             if c < n_planes:
                 src = planes + c * plane_size
@@ -44,12 +48,12 @@ cdef inline void interleave_planes(const floating* planes, Py_ssize_t plane_size
 
 
 cdef inline void deinterleave_bins(const floating* block, Py_ssize_t n_bins, Py_ssize_t n_planes,
-                            floating* planes) noexcept nogil:
-    """planes[c * n_bins + i] = block[i * LANES + c] for the first n_planes lanes."""
+                            floating* planes, Py_ssize_t plane_stride) noexcept nogil:
+    """planes[c * plane_stride + i] = block[i * LANES + c] for the first n_planes lanes."""
     cdef Py_ssize_t i, c
     for c in range(n_planes):
         for i in range(n_bins):
-            planes[c * n_bins + i] = block[i * LANES + c]
+            planes[c * plane_stride + i] = block[i * LANES + c]
 
 
 cdef inline void add_deinterleaved(const floating* block, Py_ssize_t plane_size,

@@ -1,14 +1,18 @@
 """Axis-aligned RoIAlign on the CPU: forward (avg, max, onnx_max), feature and box gradients.
 
-Average mode is separable (spec section 1, notes), so a box is described by two small per-axis
-tables (taps and weights of every sample row and column) instead of one table per sample, filled
-once per box and reused over all channels.
+Average mode is separable (docs/conventions.md, section 1), so a box is described by two small
+per-axis tables (taps and weights of every sample row and column) instead of one table per sample,
+filled once per box and reused over all channels. Per bin, the tables also hold the run of samples
+that lie inside the image: samples outside it count as 0 and never read the map (a NaN there must
+not leak into boxes that do not cover it).
 
 Loop orders, chosen for memory traffic:
-- NCHW: one task per feature plane (n, c), looping over the boxes of image n. The plane stays in
-  L2 while every box samples it, so the feature map is read from memory about once. The feature
-  gradient uses the same split: each thread owns the planes it writes and visits boxes in a fixed
-  order, hence bit-identical results for any thread count.
+- NCHW, many samples per pixel: one task per (image, block of LANES planes), copied once to
+  channels-last scratch, from which every box of the image is pooled with vector code over the
+  LANES channels. The gradients use the same split: each thread owns the planes it writes and
+  visits boxes in a fixed order, hence bit-identical results for any thread count.
+- NCHW, few samples per pixel (or few channels, or planes too large for scratch): the forward
+  splits the boxes over threads, the gradients give each thread whole planes, read directly.
 - NHWC: one task per box; every tap is a contiguous run of C channels (vectorised inner loop).
   The feature gradient splits channels into blocks owned by one thread each.
 """
@@ -20,7 +24,7 @@ from libc.string cimport memset
 
 import numpy as np
 
-from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
+from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
 from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
 
 cdef enum:
@@ -34,12 +38,18 @@ cdef enum:
     # by this many planes
     PLANE_BLOCK = 4
 
+# the pooling modes' kernel codes (the one map from names to codes)
+MODES = {"avg": MODE_AVG, "max": MODE_MAX, "onnx_max": MODE_ONNX_MAX}
+# channels of one block of the NCHW block loops, for the Python driver's cost model
+BLOCK_CHANNELS = LANES
+
 
 cdef inline floating roi_axis(floating lo_corner, floating hi_corner, double scale, bint aligned,
                               Py_ssize_t pooled, floating* start, floating* bin_size,
                               bint* clamped) noexcept nogil:
-    """Start, bin size and roi size along one axis (spec section 1, steps 1-3); same rounding as
-    the reference kernels: the scaled corner is computed in double, then stored in the dtype."""
+    """Start, bin size and roi size along one axis (conventions section 1, steps 1-3); same
+    rounding as the reference kernels: the scaled corner is computed in double, then stored in
+    the dtype."""
     cdef double offset = 0.5 if aligned else 0.0
     cdef floating s = <floating>(<double>lo_corner * scale - offset)
     cdef floating e = <floating>(<double>hi_corner * scale - offset)
@@ -62,32 +72,89 @@ cdef inline floating bilerp(floating a0, floating a1, floating b0, floating b1, 
 
 cdef inline floating tap_max(floating a0, floating a1, floating b0, floating b1, floating v00,
                              floating v01, floating v10, floating v11) noexcept nogil:
-    # onnxruntime's max mode: the largest weighted tap, not their sum (spec section 3)
+    # onnxruntime's max mode: the largest weighted tap, not their sum (conventions section 3);
+    # a NaN tap propagates, as in mode "max"
     cdef floating m = a0 * b0 * v00
     cdef floating t = a0 * b1 * v01
-    if t > m:
+    if t > m or t != t:
         m = t
     t = a1 * b0 * v10
-    if t > m:
+    if (t > m or t != t) and m == m:
         m = t
     t = a1 * b1 * v11
-    if t > m:
+    if (t > m or t != t) and m == m:
         m = t
     return m
 
 
-# channels of one block of the NCHW block loops, for the Python driver's work estimate
-BLOCK_CHANNELS = LANES
+# ---------------------------------------------------------------------------------------------
+# per-axis sample tables
+
+cdef struct Axes:
+    # One box's tables. Row sample a (bin a // gh) has taps ylo[a], yhi[a], weights wy0[a],
+    # wy1[a] and slope sy[a] = d(wy1)/dy; bin ph's samples inside the image are
+    # yr[2 ph] <= iy < yr[2 ph + 1]. Likewise for the columns. Weights have the kernel's dtype.
+    Py_ssize_t gh, gw
+    const Py_ssize_t* ylo
+    const Py_ssize_t* yhi
+    const Py_ssize_t* yr
+    const Py_ssize_t* xlo
+    const Py_ssize_t* xhi
+    const Py_ssize_t* xr
+    const char* wy0
+    const char* wy1
+    const char* sy
+    const char* wx0
+    const char* wx1
+    const char* sx
+
+
+cdef struct TableSet:
+    # the tables of a run of boxes; box q of the run starts at yoff[q] / xoff[q] (samples) and at
+    # 2 PH q / 2 PW q (valid runs)
+    const Py_ssize_t* ylo
+    const Py_ssize_t* yhi
+    const Py_ssize_t* yr
+    const Py_ssize_t* xlo
+    const Py_ssize_t* xhi
+    const Py_ssize_t* xr
+    const char* wy0
+    const char* wy1
+    const char* sy
+    const char* wx0
+    const char* wx1
+    const char* sx
+    const Py_ssize_t* yoff
+    const Py_ssize_t* xoff
+    Py_ssize_t PH, PW, itemsize
+
+
+cdef inline Axes axes_at(const TableSet* t, Py_ssize_t q, Py_ssize_t gh, Py_ssize_t gw) noexcept nogil:
+    cdef Axes A
+    cdef Py_ssize_t oy = t.yoff[q], ox = t.xoff[q]
+    A.gh, A.gw = gh, gw
+    A.ylo, A.yhi, A.yr = t.ylo + oy, t.yhi + oy, t.yr + 2 * t.PH * q
+    A.xlo, A.xhi, A.xr = t.xlo + ox, t.xhi + ox, t.xr + 2 * t.PW * q
+    A.wy0, A.wy1, A.sy = t.wy0 + oy * t.itemsize, t.wy1 + oy * t.itemsize, t.sy + oy * t.itemsize
+    A.wx0, A.wx1, A.sx = t.wx0 + ox * t.itemsize, t.wx1 + ox * t.itemsize, t.sx + ox * t.itemsize
+    return A
+
+
+cdef inline bint inside(const Axes* A, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t iy,
+                        Py_ssize_t ix) noexcept nogil:
+    """Whether sample (iy, ix) of bin (ph, pw) lies inside the image."""
+    return (A.yr[2 * ph] <= iy < A.yr[2 * ph + 1]) and (A.xr[2 * pw] <= ix < A.xr[2 * pw + 1])
 
 
 cdef class _Tables:
     """Per-axis sample tables of a run of boxes (positions j0..j1 of the image-sorted order)."""
-    cdef public object ylo, yhi, wy0, wy1, sy, xlo, xhi, wx0, wx1, sx, yoff, xoff
+    cdef object arrays  # owns the buffers the TableSet points into
+    cdef TableSet ts
 
 
 def grid_sizes(const floating[:, ::1] rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
                double scale, Py_ssize_t sampling_ratio, bint aligned):
-    """Samples per bin (gh, gw) of every box, as int64 arrays."""
+    """Samples per bin (gh, gw) of every box, as int64 arrays (saturated at GRID_SATURATE)."""
     cdef Py_ssize_t K = rois.shape[0], k
     cdef floating start, bin_size, size
     cdef bint clamped
@@ -105,23 +172,27 @@ def grid_sizes(const floating[:, ::1] rois, Py_ssize_t pooled_h, Py_ssize_t pool
 
 cdef void fill_axis(floating start, floating bin_size, Py_ssize_t pooled, Py_ssize_t g,
                     Py_ssize_t size, Py_ssize_t* lo, Py_ssize_t* hi, floating* w0, floating* w1,
-                    floating* slope) noexcept nogil:
+                    floating* slope, Py_ssize_t* runs) noexcept nogil:
     cdef Py_ssize_t p, i, t = 0
+    cdef bint ok
     for p in range(pooled):
+        runs[2 * p] = runs[2 * p + 1] = 0
         for i in range(g):
-            bilinear_axis(sample_coord(start, bin_size, p, i, g), size, lo + t, hi + t, w0 + t,
-                          w1 + t, slope + t)
+            ok = bilinear_axis(sample_coord(start, bin_size, p, i, g), size, lo + t, hi + t,
+                               w0 + t, w1 + t, slope + t)
+            valid_run(ok, i, runs + 2 * p)
             t += 1
 
 
 cdef void fill_box(floating lo_corner, floating hi_corner, double scale, bint aligned,
                    Py_ssize_t pooled, Py_ssize_t g, Py_ssize_t size, Py_ssize_t* lo,
-                   Py_ssize_t* hi, floating* w0, floating* w1, floating* slope) noexcept nogil:
+                   Py_ssize_t* hi, floating* w0, floating* w1, floating* slope,
+                   Py_ssize_t* runs) noexcept nogil:
     # a function of its own so that start and bin_size are private to each OpenMP thread
     cdef floating start, bin_size
     cdef bint clamped
     roi_axis(lo_corner, hi_corner, scale, aligned, pooled, &start, &bin_size, &clamped)
-    fill_axis(start, bin_size, pooled, g, size, lo, hi, w0, w1, slope)
+    fill_axis(start, bin_size, pooled, g, size, lo, hi, w0, w1, slope, runs)
 
 
 def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_t j0,
@@ -131,128 +202,136 @@ def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_
     """Fill the per-axis tables of the boxes at sorted positions j0..j1 (in parallel)."""
     dtype = np.float32 if floating is float else np.float64
     cdef Py_ssize_t n = j1 - j0, j, k
-    t = _Tables()
     yoff_arr = np.zeros(n + 1, dtype=np.intp)
     xoff_arr = np.zeros(n + 1, dtype=np.intp)
     sel = np.asarray(order[j0:j1])
     np.cumsum(np.asarray(gh)[sel] * pooled_h, out=yoff_arr[1:])
     np.cumsum(np.asarray(gw)[sel] * pooled_w, out=xoff_arr[1:])
     ny, nx = int(yoff_arr[n]), int(xoff_arr[n])
-    t.yoff, t.xoff = yoff_arr, xoff_arr
     # one slack element so that &table[offset] is valid for boxes with no samples
-    t.ylo, t.yhi = np.zeros(ny + 1, np.intp), np.zeros(ny + 1, np.intp)
-    t.xlo, t.xhi = np.zeros(nx + 1, np.intp), np.zeros(nx + 1, np.intp)
-    t.wy0, t.wy1, t.sy = np.zeros(ny + 1, dtype), np.zeros(ny + 1, dtype), np.zeros(ny + 1, dtype)
-    t.wx0, t.wx1, t.sx = np.zeros(nx + 1, dtype), np.zeros(nx + 1, dtype), np.zeros(nx + 1, dtype)
-    cdef Py_ssize_t[::1] ylo = t.ylo, yhi = t.yhi, xlo = t.xlo, xhi = t.xhi
-    cdef floating[::1] wy0 = t.wy0, wy1 = t.wy1, sy = t.sy, wx0 = t.wx0, wx1 = t.wx1, sx = t.sx
+    ylo, yhi = np.zeros(ny + 1, np.intp), np.zeros(ny + 1, np.intp)
+    xlo, xhi = np.zeros(nx + 1, np.intp), np.zeros(nx + 1, np.intp)
+    wy0, wy1, sy = np.zeros(ny + 1, dtype), np.zeros(ny + 1, dtype), np.zeros(ny + 1, dtype)
+    wx0, wx1, sx = np.zeros(nx + 1, dtype), np.zeros(nx + 1, dtype), np.zeros(nx + 1, dtype)
+    yr, xr = np.zeros(2 * pooled_h * n + 1, np.intp), np.zeros(2 * pooled_w * n + 1, np.intp)
+    cdef Py_ssize_t[::1] ylo_v = ylo, yhi_v = yhi, xlo_v = xlo, xhi_v = xhi, yr_v = yr, xr_v = xr
+    cdef floating[::1] wy0_v = wy0, wy1_v = wy1, sy_v = sy, wx0_v = wx0, wx1_v = wx1, sx_v = sx
     cdef Py_ssize_t[::1] yoff = yoff_arr, xoff = xoff_arr
     for j in prange(n, nogil=True, schedule="static", num_threads=n_threads):
         k = order[j0 + j]
-        fill_box(rois[k, 1], rois[k, 3], scale, aligned, pooled_h, gh[k], height, &ylo[yoff[j]],
-                 &yhi[yoff[j]], &wy0[yoff[j]], &wy1[yoff[j]], &sy[yoff[j]])
-        fill_box(rois[k, 0], rois[k, 2], scale, aligned, pooled_w, gw[k], width, &xlo[xoff[j]],
-                 &xhi[xoff[j]], &wx0[xoff[j]], &wx1[xoff[j]], &sx[xoff[j]])
+        fill_box(rois[k, 1], rois[k, 3], scale, aligned, pooled_h, gh[k], height, &ylo_v[yoff[j]],
+                 &yhi_v[yoff[j]], &wy0_v[yoff[j]], &wy1_v[yoff[j]], &sy_v[yoff[j]],
+                 &yr_v[2 * pooled_h * j])
+        fill_box(rois[k, 0], rois[k, 2], scale, aligned, pooled_w, gw[k], width, &xlo_v[xoff[j]],
+                 &xhi_v[xoff[j]], &wx0_v[xoff[j]], &wx1_v[xoff[j]], &sx_v[xoff[j]],
+                 &xr_v[2 * pooled_w * j])
+    t = _Tables()
+    t.arrays = (ylo, yhi, xlo, xhi, yr, xr, wy0, wy1, sy, wx0, wx1, sx, yoff_arr, xoff_arr)
+    t.ts.ylo, t.ts.yhi, t.ts.yr = &ylo_v[0], &yhi_v[0], &yr_v[0]
+    t.ts.xlo, t.ts.xhi, t.ts.xr = &xlo_v[0], &xhi_v[0], &xr_v[0]
+    t.ts.wy0, t.ts.wy1, t.ts.sy = <char*>&wy0_v[0], <char*>&wy1_v[0], <char*>&sy_v[0]
+    t.ts.wx0, t.ts.wx1, t.ts.sx = <char*>&wx0_v[0], <char*>&wx1_v[0], <char*>&sx_v[0]
+    t.ts.yoff, t.ts.xoff = &yoff[0], &xoff[0]
+    t.ts.PH, t.ts.PW, t.ts.itemsize = pooled_h, pooled_w, sizeof(floating)
     return t
 
 
 # ---------------------------------------------------------------------------------------------
 # forward
 
+cdef inline floating sample_value(const floating* plane, Py_ssize_t cs, Py_ssize_t W,
+                                  const Axes* A, Py_ssize_t a, Py_ssize_t b,
+                                  int mode) noexcept nogil:
+    """Value of row sample a, column sample b in a max mode; ``cs`` is the distance between
+    horizontally adjacent pixels."""
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
+    cdef floating v00 = plane[(A.ylo[a] * W + A.xlo[b]) * cs]
+    cdef floating v01 = plane[(A.ylo[a] * W + A.xhi[b]) * cs]
+    cdef floating v10 = plane[(A.yhi[a] * W + A.xlo[b]) * cs]
+    cdef floating v11 = plane[(A.yhi[a] * W + A.xhi[b]) * cs]
+    if mode == MODE_MAX:
+        return bilerp(wy0[a], wy1[a], wx0[b], wx1[b], v00, v01, v10, v11)
+    return tap_max(wy0[a], wy1[a], wx0[b], wx1[b], v00, v01, v10, v11)
+
+
+cdef Py_ssize_t argmax_sample(const floating* plane, Py_ssize_t cs, Py_ssize_t W,
+                              const Axes* A, Py_ssize_t ph, Py_ssize_t pw, int mode,
+                              floating* best) noexcept nogil:
+    """Index iy * gw + ix of the largest sample of bin (ph, pw) (the first of equal ones, as
+    mmcv; a NaN wins), its value in best. Samples outside the image are 0 and read nothing."""
+    cdef Py_ssize_t iy, ix, arg = 0, gh = A.gh, gw = A.gw
+    cdef floating v
+    best[0] = 0
+    for iy in range(gh):
+        for ix in range(gw):
+            v = 0
+            if inside(A, ph, pw, iy, ix):
+                v = sample_value(plane, cs, W, A, ph * gh + iy, pw * gw + ix, mode)
+            if takes_max(v, best[0], iy == 0 and ix == 0):
+                best[0] = v
+                arg = iy * gw + ix
+    return arg
+
+
 cdef void pool_plane(const floating* plane, Py_ssize_t W, floating* o, Py_ssize_t PH,
-                     Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw, const Py_ssize_t* ylo,
-                     const Py_ssize_t* yhi, const floating* wy0, const floating* wy1,
-                     const Py_ssize_t* xlo, const Py_ssize_t* xhi, const floating* wx0,
-                     const floating* wx1, int mode) noexcept nogil:
+                     Py_ssize_t PW, const Axes* A, int mode) noexcept nogil:
     """Max modes: pool one box on one (H, W) plane into o (PH x PW contiguous)."""
     cdef Py_ssize_t ph, pw, a
-    if gh == 0 or gw == 0:
+    if A.gh == 0 or A.gw == 0:
         for a in range(PH * PW):
             o[a] = 0
         return
     for ph in range(PH):
         for pw in range(PW):
-            argmax_sample(plane, 1, W, ph, pw, gh, gw, ylo, yhi, wy0, wy1, xlo, xhi, wx0, wx1,
-                          mode, &o[ph * PW + pw])
+            argmax_sample(plane, 1, W, A, ph, pw, mode, &o[ph * PW + pw])
 
 
 cdef void average_planes(const floating* plane, Py_ssize_t plane_stride, Py_ssize_t n_planes,
                          Py_ssize_t W, floating* o, Py_ssize_t o_stride, Py_ssize_t PH,
-                         Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw, const Py_ssize_t* ylo,
-                         const Py_ssize_t* yhi, const floating* wy0, const floating* wy1,
-                         const Py_ssize_t* xlo, const Py_ssize_t* xhi, const floating* wx0,
-                         const floating* wx1) noexcept nogil:
+                         Py_ssize_t PW, const Axes* A) noexcept nogil:
     """Average-pool one box on n_planes <= PLANE_BLOCK planes (plane_stride apart) into o
     (o_stride apart). Lanes past n_planes re-read the last plane and are not stored, so that the
     lane loop has a constant trip count the compiler unrolls."""
-    cdef Py_ssize_t ph, pw, iy, ix, a, b, cc, i00, i01, i10, i11
+    cdef Py_ssize_t ph, pw, iy, ix, a, b, cc, i00, i01, i10, i11, gh = A.gh, gw = A.gw
     cdef const floating* p[PLANE_BLOCK]
     cdef floating acc[PLANE_BLOCK]
     cdef floating w00, w01, w10, w11, inv_count
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
     for cc in range(PLANE_BLOCK):
         p[cc] = plane + (cc if cc < n_planes else n_planes - 1) * plane_stride
-    if gh == 0 or gw == 0:
-        for cc in range(n_planes):
-            for a in range(PH * PW):
-                o[cc * o_stride + a] = 0
-        return
-    inv_count = 1 / <floating>(gh * gw)
+    inv_count = 1 / <floating>(gh * gw) if gh * gw > 0 else 0
     for ph in range(PH):
         for pw in range(PW):
             for cc in range(PLANE_BLOCK):
                 acc[cc] = 0
-            for iy in range(gh):
+            for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
                 a = ph * gh + iy
-                for ix in range(gw):
+                for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
                     b = pw * gw + ix
                     w00 = wy0[a] * wx0[b]
                     w01 = wy0[a] * wx1[b]
                     w10 = wy1[a] * wx0[b]
                     w11 = wy1[a] * wx1[b]
-                    i00 = ylo[a] * W + xlo[b]
-                    i01 = ylo[a] * W + xhi[b]
-                    i10 = yhi[a] * W + xlo[b]
-                    i11 = yhi[a] * W + xhi[b]
+                    i00 = A.ylo[a] * W + A.xlo[b]
+                    i01 = A.ylo[a] * W + A.xhi[b]
+                    i10 = A.yhi[a] * W + A.xlo[b]
+                    i11 = A.yhi[a] * W + A.xhi[b]
                     for cc in range(PLANE_BLOCK):
                         acc[cc] += w00 * p[cc][i00] + w01 * p[cc][i01] + w10 * p[cc][i10] + w11 * p[cc][i11]
             for cc in range(n_planes):
                 o[cc * o_stride + ph * PW + pw] = acc[cc] * inv_count
 
 
-cdef Py_ssize_t argmax_sample(const floating* plane, Py_ssize_t cs, Py_ssize_t W, Py_ssize_t ph,
-                              Py_ssize_t pw, Py_ssize_t gh, Py_ssize_t gw, const Py_ssize_t* ylo,
-                              const Py_ssize_t* yhi, const floating* wy0, const floating* wy1,
-                              const Py_ssize_t* xlo, const Py_ssize_t* xhi, const floating* wx0,
-                              const floating* wx1, int mode, floating* best) noexcept nogil:
-    """Index iy * gw + ix of the first largest sample of bin (ph, pw) (mmcv keeps the first on
-    ties), its value in best. ``cs`` is the distance between horizontally adjacent pixels."""
-    cdef Py_ssize_t iy, ix, a, b, arg = 0
-    cdef floating v
-    for iy in range(gh):
-        a = ph * gh + iy
-        for ix in range(gw):
-            b = pw * gw + ix
-            if mode == MODE_MAX:
-                v = bilerp(wy0[a], wy1[a], wx0[b], wx1[b], plane[(ylo[a] * W + xlo[b]) * cs],
-                           plane[(ylo[a] * W + xhi[b]) * cs], plane[(yhi[a] * W + xlo[b]) * cs],
-                           plane[(yhi[a] * W + xhi[b]) * cs])
-            else:
-                v = tap_max(wy0[a], wy1[a], wx0[b], wx1[b], plane[(ylo[a] * W + xlo[b]) * cs],
-                            plane[(ylo[a] * W + xhi[b]) * cs], plane[(yhi[a] * W + xlo[b]) * cs],
-                            plane[(yhi[a] * W + xhi[b]) * cs])
-            if (iy == 0 and ix == 0) or v > best[0]:
-                best[0] = v
-                arg = iy * gw + ix
-    return arg
-
-
 cdef void pool_box_nhwc(const floating* image, Py_ssize_t W, Py_ssize_t C, floating* o,
-                        Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw,
-                        const Py_ssize_t* ylo, const Py_ssize_t* yhi, const floating* wy0,
-                        const floating* wy1, const Py_ssize_t* xlo, const Py_ssize_t* xhi,
-                        const floating* wx0, const floating* wx1, int mode) noexcept nogil:
+                        Py_ssize_t PH, Py_ssize_t PW, const Axes* A, int mode) noexcept nogil:
     """Pool one box of a channels-last (H, W, C) image into o (PH x PW x C contiguous)."""
-    cdef Py_ssize_t ph, pw, iy, ix, a, b, c
+    cdef Py_ssize_t ph, pw, iy, ix, a, b, c, gh = A.gh, gw = A.gw
     cdef const floating* p00
     cdef const floating* p01
     cdef const floating* p10
@@ -260,6 +339,10 @@ cdef void pool_box_nhwc(const floating* image, Py_ssize_t W, Py_ssize_t C, float
     cdef floating* ob
     cdef floating v, inv_count
     cdef bint first
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
     if gh == 0 or gw == 0:
         for a in range(PH * PW * C):
             o[a] = 0
@@ -270,33 +353,55 @@ cdef void pool_box_nhwc(const floating* image, Py_ssize_t W, Py_ssize_t C, float
             ob = o + (ph * PW + pw) * C
             for c in range(C):
                 ob[c] = 0
+            if mode == MODE_AVG:
+                for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
+                    a = ph * gh + iy
+                    for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
+                        b = pw * gw + ix
+                        p00 = image + (A.ylo[a] * W + A.xlo[b]) * C
+                        p01 = image + (A.ylo[a] * W + A.xhi[b]) * C
+                        p10 = image + (A.yhi[a] * W + A.xlo[b]) * C
+                        p11 = image + (A.yhi[a] * W + A.xhi[b]) * C
+                        for c in range(C):
+                            ob[c] += bilerp(wy0[a], wy1[a], wx0[b], wx1[b], p00[c], p01[c],
+                                            p10[c], p11[c])
+                for c in range(C):
+                    ob[c] *= inv_count
+                continue
             first = True
             for iy in range(gh):
                 a = ph * gh + iy
                 for ix in range(gw):
                     b = pw * gw + ix
-                    p00 = image + (ylo[a] * W + xlo[b]) * C
-                    p01 = image + (ylo[a] * W + xhi[b]) * C
-                    p10 = image + (yhi[a] * W + xlo[b]) * C
-                    p11 = image + (yhi[a] * W + xhi[b]) * C
-                    if mode == MODE_AVG:
-                        for c in range(C):
-                            ob[c] += bilerp(wy0[a], wy1[a], wx0[b], wx1[b], p00[c], p01[c],
-                                            p10[c], p11[c])
-                    elif mode == MODE_MAX:
-                        for c in range(C):
+                    if not inside(A, ph, pw, iy, ix):
+                        for c in range(C):  # a sample outside the image is 0 in every channel
+                            if takes_max(<floating>0, ob[c], first):
+                                ob[c] = 0
+                        first = False
+                        continue
+                    p00 = image + (A.ylo[a] * W + A.xlo[b]) * C
+                    p01 = image + (A.ylo[a] * W + A.xhi[b]) * C
+                    p10 = image + (A.yhi[a] * W + A.xlo[b]) * C
+                    p11 = image + (A.yhi[a] * W + A.xhi[b]) * C
+                    for c in range(C):
+                        if mode == MODE_MAX:
                             v = bilerp(wy0[a], wy1[a], wx0[b], wx1[b], p00[c], p01[c], p10[c], p11[c])
-                            if first or v > ob[c]:
-                                ob[c] = v
-                    else:
-                        for c in range(C):
+                        else:
                             v = tap_max(wy0[a], wy1[a], wx0[b], wx1[b], p00[c], p01[c], p10[c], p11[c])
-                            if first or v > ob[c]:
-                                ob[c] = v
+                        if takes_max(v, ob[c], first):
+                            ob[c] = v
                     first = False
-            if mode == MODE_AVG:
-                for c in range(C):
-                    ob[c] *= inv_count
+
+
+cdef inline void pool_box_planes(const floating* plane, Py_ssize_t plane_stride,
+                                 Py_ssize_t n_planes, Py_ssize_t W, floating* o, Py_ssize_t PH,
+                                 Py_ssize_t PW, const Axes* A, int mode) noexcept nogil:
+    cdef Py_ssize_t cc
+    if mode == MODE_AVG:
+        average_planes(plane, plane_stride, n_planes, W, o, PH * PW, PH, PW, A)
+    else:
+        for cc in range(n_planes):
+            pool_plane(plane + cc * plane_stride, W, o + cc * PH * PW, PH, PW, A, mode)
 
 
 def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
@@ -306,21 +411,19 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     """Pool the boxes at sorted positions j0..j1 (tables ``t``) into ``out``. ``interleave``
     (NCHW) pools from channels-last copies of blocks of planes: worth it when the boxes take
     several samples per feature pixel, otherwise the boxes are split over the threads."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, j, k, q, lo, hi, task
+    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, j, k, lo, hi, task
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
-    cdef const Py_ssize_t[::1] ylo = t.ylo, yhi = t.yhi, xlo = t.xlo, xhi = t.xhi
-    cdef const Py_ssize_t[::1] yoff = t.yoff, xoff = t.xoff
-    cdef const floating[::1] wy0 = t.wy0, wy1 = t.wy1, wx0 = t.wx0, wx1 = t.wx1
+    cdef const TableSet* T = &t.ts
+    cdef Axes A
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         PH, PW = out.shape[1], out.shape[2]
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
             k = order[j]
-            q = j - j0
-            pool_box_nhwc(X + batch_idx[k] * H * W * C, W, C, O + k * PH * PW * C, PH, PW, gh[k],
-                          gw[k], &ylo[yoff[q]], &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]],
-                          &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], mode)
+            A = axes_at(T, j - j0, gh[k], gw[k])
+            pool_box_nhwc(X + batch_idx[k] * H * W * C, W, C, O + k * PH * PW * C, PH, PW, &A,
+                          mode)
         return
     N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
     PH, PW = out.shape[2], out.shape[3]
@@ -346,11 +449,9 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
                 for j in range(lo, hi):
                     k = order[j]
-                    q = j - j0
-                    pool_box_nhwc(scratch, W, LANES, obuf, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
-                                  &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &xlo[xoff[q]],
-                                  &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], mode)
-                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW)
+                    A = axes_at(T, j - j0, gh[k], gw[k])
+                    pool_box_nhwc(scratch, W, LANES, obuf, PH, PW, &A, mode)
+                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
             free(scratch)
             free(obuf)
         if alloc_failed[0]:
@@ -360,31 +461,12 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
         # too few planes to keep the threads busy: split the boxes instead
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
             k = order[j]
-            q = j - j0
+            A = axes_at(T, j - j0, gh[k], gw[k])
             for nb in range(blocks):
                 c = nb * PLANE_BLOCK
                 pool_box_planes(X + (batch_idx[k] * C + c) * H * W, H * W,
                                 C - c if C - c < PLANE_BLOCK else PLANE_BLOCK, W,
-                                O + (k * C + c) * PH * PW, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
-                                &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &xlo[xoff[q]],
-                                &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], mode)
-
-
-cdef inline void pool_box_planes(const floating* plane, Py_ssize_t plane_stride,
-                                 Py_ssize_t n_planes, Py_ssize_t W, floating* o, Py_ssize_t PH,
-                                 Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw,
-                                 const Py_ssize_t* ylo, const Py_ssize_t* yhi,
-                                 const floating* wy0, const floating* wy1, const Py_ssize_t* xlo,
-                                 const Py_ssize_t* xhi, const floating* wx0, const floating* wx1,
-                                 int mode) noexcept nogil:
-    cdef Py_ssize_t cc
-    if mode == MODE_AVG:
-        average_planes(plane, plane_stride, n_planes, W, o, PH * PW, PH, PW, gh, gw, ylo, yhi,
-                       wy0, wy1, xlo, xhi, wx0, wx1)
-    else:
-        for cc in range(n_planes):
-            pool_plane(plane + cc * plane_stride, W, o + cc * PH * PW, PH, PW, gh, gw, ylo, yhi,
-                       wy0, wy1, xlo, xhi, wx0, wx1, mode)
+                                O + (k * C + c) * PH * PW, PH, PW, &A, mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,21 +474,23 @@ cdef inline void pool_box_planes(const floating* plane, Py_ssize_t plane_stride,
 
 cdef void scatter_box_nhwc(floating* gimage, const floating* image, Py_ssize_t W, Py_ssize_t C,
                            Py_ssize_t nc, const floating* g, Py_ssize_t PH, Py_ssize_t PW,
-                           Py_ssize_t gh, Py_ssize_t gw, const Py_ssize_t* ylo,
-                           const Py_ssize_t* yhi, const floating* wy0, const floating* wy1,
-                           const Py_ssize_t* xlo, const Py_ssize_t* xhi, const floating* wx0,
-                           const floating* wx1, int mode) noexcept nogil:
-    """Channels-last twin of scatter_plane for a block of nc <= CHANNEL_BLOCK channels; pixel
-    (y, x) of the block starts at (y * W + x) * C, and g holds bin (ph, pw) at (ph * PW + pw) * C."""
-    cdef Py_ssize_t ph, pw, iy, ix, a, b, c, s
+                           const Axes* A, int mode) noexcept nogil:
+    """Add the feature gradient of one box for nc <= CHANNEL_BLOCK channels of a channels-last
+    image: pixel (y, x) starts at (y * W + x) * C, and g holds bin (ph, pw) at (ph * PW + pw) * C.
+    A plane is the case C = nc = 1."""
+    cdef Py_ssize_t ph, pw, iy, ix, a, b, c, gh = A.gh, gw = A.gw
     cdef floating* q00
     cdef floating* q01
     cdef floating* q10
     cdef floating* q11
     cdef const floating* gb
-    cdef floating w00, w01, w10, w11, inv_count, v
+    cdef floating w00, w01, w10, w11, inv_count
     cdef floating best[CHANNEL_BLOCK]
     cdef Py_ssize_t arg[CHANNEL_BLOCK]
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
     if gh == 0 or gw == 0:
         return
     inv_count = 1 / <floating>(gh * gw)
@@ -414,18 +498,18 @@ cdef void scatter_box_nhwc(floating* gimage, const floating* image, Py_ssize_t W
         for pw in range(PW):
             gb = g + (ph * PW + pw) * C
             if mode == MODE_AVG:
-                for iy in range(gh):
+                for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
                     a = ph * gh + iy
-                    for ix in range(gw):
+                    for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
                         b = pw * gw + ix
                         w00 = wy0[a] * wx0[b] * inv_count
                         w01 = wy0[a] * wx1[b] * inv_count
                         w10 = wy1[a] * wx0[b] * inv_count
                         w11 = wy1[a] * wx1[b] * inv_count
-                        q00 = gimage + (ylo[a] * W + xlo[b]) * C
-                        q01 = gimage + (ylo[a] * W + xhi[b]) * C
-                        q10 = gimage + (yhi[a] * W + xlo[b]) * C
-                        q11 = gimage + (yhi[a] * W + xhi[b]) * C
+                        q00 = gimage + (A.ylo[a] * W + A.xlo[b]) * C
+                        q01 = gimage + (A.ylo[a] * W + A.xhi[b]) * C
+                        q10 = gimage + (A.yhi[a] * W + A.xlo[b]) * C
+                        q11 = gimage + (A.yhi[a] * W + A.xhi[b]) * C
                         for c in range(nc):
                             q00[c] += gb[c] * w00
                             q01[c] += gb[c] * w01
@@ -433,15 +517,16 @@ cdef void scatter_box_nhwc(floating* gimage, const floating* image, Py_ssize_t W
                             q11[c] += gb[c] * w11
             else:
                 for c in range(nc):
-                    arg[c] = argmax_sample(image + c, C, W, ph, pw, gh, gw, ylo, yhi, wy0, wy1,
-                                           xlo, xhi, wx0, wx1, mode, &best[c])
+                    arg[c] = argmax_sample(image + c, C, W, A, ph, pw, mode, &best[c])
                 for c in range(nc):
-                    a = ph * gh + arg[c] // gw
-                    b = pw * gw + arg[c] % gw
-                    gimage[(ylo[a] * W + xlo[b]) * C + c] += gb[c] * wy0[a] * wx0[b]
-                    gimage[(ylo[a] * W + xhi[b]) * C + c] += gb[c] * wy0[a] * wx1[b]
-                    gimage[(yhi[a] * W + xlo[b]) * C + c] += gb[c] * wy1[a] * wx0[b]
-                    gimage[(yhi[a] * W + xhi[b]) * C + c] += gb[c] * wy1[a] * wx1[b]
+                    iy, ix = arg[c] // gw, arg[c] % gw
+                    if not inside(A, ph, pw, iy, ix):
+                        continue  # the maximum is a sample outside the image: no gradient
+                    a, b = ph * gh + iy, pw * gw + ix
+                    gimage[(A.ylo[a] * W + A.xlo[b]) * C + c] += gb[c] * wy0[a] * wx0[b]
+                    gimage[(A.ylo[a] * W + A.xhi[b]) * C + c] += gb[c] * wy0[a] * wx1[b]
+                    gimage[(A.yhi[a] * W + A.xlo[b]) * C + c] += gb[c] * wy1[a] * wx0[b]
+                    gimage[(A.yhi[a] * W + A.xhi[b]) * C + c] += gb[c] * wy1[a] * wx1[b]
 
 
 def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] features,
@@ -449,16 +534,18 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
                       const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
                       const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
                       floating[:, :, :, ::1] grad_features, int mode, bint channels_last,
-                      int n_threads):
+                      bint interleave, int n_threads):
     """Add the feature gradient of the boxes at sorted positions j0..j1. Every gradient element
-    is owned by one thread and receives its terms in the fixed sorted-box order."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, c0, j, k, q, lo, hi, task
+    is owned by one thread and receives its terms in the fixed sorted-box order. NCHW:
+    ``interleave`` accumulates blocks of LANES planes in channels-last scratch; otherwise each
+    task scatters straight into one plane (no scratch: few samples, few channels or huge
+    planes)."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, c0, j, k, lo, hi, task
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef floating* G = &grad_features[0, 0, 0, 0]
-    cdef const Py_ssize_t[::1] ylo = t.ylo, yhi = t.yhi, xlo = t.xlo, xhi = t.xhi
-    cdef const Py_ssize_t[::1] yoff = t.yoff, xoff = t.xoff
-    cdef const floating[::1] wy0 = t.wy0, wy1 = t.wy1, wx0 = t.wx0, wx1 = t.wx1
+    cdef const TableSet* T = &t.ts
+    cdef Axes A
     if channels_last:
         N, H, W, C = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
         PH, PW = grad_out.shape[1], grad_out.shape[2]
@@ -467,24 +554,31 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
             c0 = task * CHANNEL_BLOCK
             for j in range(j0, j1):
                 k = order[j]
-                q = j - j0
                 n = batch_idx[k]
+                A = axes_at(T, j - j0, gh[k], gw[k])
                 scatter_box_nhwc(G + n * H * W * C + c0, X + n * H * W * C + c0, W, C,
                                  C - c0 if C - c0 < CHANNEL_BLOCK else CHANNEL_BLOCK,
-                                 GO + k * PH * PW * C + c0, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
-                                 &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &xlo[xoff[q]],
-                                 &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], mode)
+                                 GO + k * PH * PW * C + c0, PH, PW, &A, mode)
         return
     N, C, H, W = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
     PH, PW = grad_out.shape[2], grad_out.shape[3]
-    # one task per (image, block of LANES channels), accumulated in channels-last scratch (vector
-    # code, as in the forward) and added back to the planes the task owns
-    cdef Py_ssize_t blocks = (C + LANES - 1) // LANES, nb, cc, i
+    cdef Py_ssize_t blocks = (C + LANES - 1) // LANES, nb
     cdef floating* gscratch
     cdef floating* fscratch
     cdef int alloc_failed[1]
     cdef BlockTask bt
     cdef floating* gbuf
+    if not interleave:
+        for task in prange(N * C, nogil=True, schedule="dynamic", num_threads=n_threads):
+            bt = block_task(task, C, C, &img_start[0], j0, j1, 1)
+            for j in range(bt.lo, bt.hi):
+                k = order[j]
+                A = axes_at(T, j - j0, gh[k], gw[k])
+                scatter_box_nhwc(G + (bt.n * C + bt.c) * H * W, X + (bt.n * C + bt.c) * H * W, W,
+                                 1, 1, GO + (k * C + bt.c) * PH * PW, PH, PW, &A, mode)
+        return
+    # one task per (image, block of LANES channels), accumulated in channels-last scratch (vector
+    # code, as in the forward) and added back to the planes the task owns
     alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
         gscratch = <floating*>malloc(H * W * LANES * sizeof(floating))
@@ -501,11 +595,9 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, fscratch)
             for j in range(lo, hi):
                 k = order[j]
-                q = j - j0
+                A = axes_at(T, j - j0, gh[k], gw[k])
                 interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
-                scatter_box_nhwc(gscratch, fscratch, W, LANES, LANES, gbuf, PH, PW, gh[k], gw[k],
-                                 &ylo[yoff[q]], &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]],
-                                 &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], mode)
+                scatter_box_nhwc(gscratch, fscratch, W, LANES, LANES, gbuf, PH, PW, &A, mode)
             add_deinterleaved(gscratch, H * W, nb, G + (n * C + c) * H * W)
         free(gscratch)
         free(fscratch)
@@ -519,18 +611,20 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :
 # gradient with respect to the boxes
 
 cdef void box_grad_channel(const floating* plane, Py_ssize_t cs, Py_ssize_t W, const floating* g,
-                           Py_ssize_t gs, Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh,
-                           Py_ssize_t gw, const Py_ssize_t* ylo, const Py_ssize_t* yhi,
-                           const floating* wy0, const floating* wy1, const floating* sy,
-                           const Py_ssize_t* xlo, const Py_ssize_t* xhi, const floating* wx0,
-                           const floating* wx1, const floating* sx, int mode,
+                           Py_ssize_t gs, Py_ssize_t PH, Py_ssize_t PW, const Axes* A, int mode,
                            double* acc) noexcept nogil:
     """Accumulate, for one channel, sum g * dv/dy, sum g * dv/dy * t_y and the same for x, where
     t is the sample's fraction across the roi (d coordinate / d roi size). ``cs``: distance between
     horizontally adjacent pixels; ``gs``: between consecutive bins of g."""
-    cdef Py_ssize_t ph, pw, iy, ix, a, b, arg, iy0, iy1, ix0, ix1
+    cdef Py_ssize_t ph, pw, iy, ix, a, b, arg, iy0, iy1, ix0, ix1, gh = A.gh, gw = A.gw
     cdef double gv, v00, v01, v10, v11, dy, dx, inv_count
     cdef floating best
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
+    cdef const floating* sy = <const floating*>A.sy
+    cdef const floating* sx = <const floating*>A.sx
     if gh == 0 or gw == 0:
         return
     inv_count = 1.0 / <double>(gh * gw)
@@ -539,20 +633,21 @@ cdef void box_grad_channel(const floating* plane, Py_ssize_t cs, Py_ssize_t W, c
             gv = g[(ph * PW + pw) * gs]
             if mode == MODE_AVG:
                 gv = gv * inv_count
-                iy0, iy1, ix0, ix1 = 0, gh, 0, gw
+                iy0, iy1, ix0, ix1 = A.yr[2 * ph], A.yr[2 * ph + 1], A.xr[2 * pw], A.xr[2 * pw + 1]
             else:
-                arg = argmax_sample(plane, cs, W, ph, pw, gh, gw, ylo, yhi, wy0, wy1, xlo, xhi,
-                                    wx0, wx1, mode, &best)
+                arg = argmax_sample(plane, cs, W, A, ph, pw, mode, &best)
                 iy0, ix0 = arg // gw, arg % gw
                 iy1, ix1 = iy0 + 1, ix0 + 1
+                if not inside(A, ph, pw, iy0, ix0):
+                    continue
             for iy in range(iy0, iy1):
                 a = ph * gh + iy
                 for ix in range(ix0, ix1):
                     b = pw * gw + ix
-                    v00 = plane[(ylo[a] * W + xlo[b]) * cs]
-                    v01 = plane[(ylo[a] * W + xhi[b]) * cs]
-                    v10 = plane[(yhi[a] * W + xlo[b]) * cs]
-                    v11 = plane[(yhi[a] * W + xhi[b]) * cs]
+                    v00 = plane[(A.ylo[a] * W + A.xlo[b]) * cs]
+                    v01 = plane[(A.ylo[a] * W + A.xhi[b]) * cs]
+                    v10 = plane[(A.yhi[a] * W + A.xlo[b]) * cs]
+                    v11 = plane[(A.yhi[a] * W + A.xhi[b]) * cs]
                     dy = gv * sy[a] * ((wx0[b] * v10 + wx1[b] * v11) - (wx0[b] * v00 + wx1[b] * v01))
                     dx = gv * sx[b] * (wy0[a] * (v01 - v00) + wy1[a] * (v11 - v10))
                     acc[0] += dy
@@ -562,14 +657,10 @@ cdef void box_grad_channel(const floating* plane, Py_ssize_t cs, Py_ssize_t W, c
 
 
 cdef void box_grad_lanes(const floating* block, Py_ssize_t W, const floating* g, Py_ssize_t PH,
-                         Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw, const Py_ssize_t* ylo,
-                         const Py_ssize_t* yhi, const floating* wy0, const floating* wy1,
-                         const floating* sy, const Py_ssize_t* xlo, const Py_ssize_t* xhi,
-                         const floating* wx0, const floating* wx1, const floating* sx,
-                         double* acc) noexcept nogil:
+                         Py_ssize_t PW, const Axes* A, double* acc) noexcept nogil:
     """Average mode box_grad_channel for LANES interleaved channels at once (vector code): block
     holds pixel (y, x) at (y * W + x) * LANES, g bin b at b * LANES."""
-    cdef Py_ssize_t ph, pw, iy, ix, a, b, cc
+    cdef Py_ssize_t ph, pw, iy, ix, a, b, cc, gh = A.gh, gw = A.gw
     cdef const floating* p00
     cdef const floating* p01
     cdef const floating* p10
@@ -580,6 +671,12 @@ cdef void box_grad_lanes(const floating* block, Py_ssize_t W, const floating* g,
     cdef double aty[LANES]
     cdef double ax[LANES]
     cdef double atx[LANES]
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
+    cdef const floating* sy = <const floating*>A.sy
+    cdef const floating* sx = <const floating*>A.sx
     if gh == 0 or gw == 0:
         return
     inv_count = 1.0 / <double>(gh * gw)
@@ -588,18 +685,18 @@ cdef void box_grad_lanes(const floating* block, Py_ssize_t W, const floating* g,
     for ph in range(PH):
         for pw in range(PW):
             gb = g + (ph * PW + pw) * LANES
-            for iy in range(gh):
+            for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
                 a = ph * gh + iy
                 ty = sample_fraction(ph, iy, gh, PH)
-                for ix in range(gw):
+                for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
                     b = pw * gw + ix
                     tx = sample_fraction(pw, ix, gw, PW)
                     fy = sy[a] * inv_count
                     fx = sx[b] * inv_count
-                    p00 = block + (ylo[a] * W + xlo[b]) * LANES
-                    p01 = block + (ylo[a] * W + xhi[b]) * LANES
-                    p10 = block + (yhi[a] * W + xlo[b]) * LANES
-                    p11 = block + (yhi[a] * W + xhi[b]) * LANES
+                    p00 = block + (A.ylo[a] * W + A.xlo[b]) * LANES
+                    p01 = block + (A.ylo[a] * W + A.xhi[b]) * LANES
+                    p10 = block + (A.yhi[a] * W + A.xlo[b]) * LANES
+                    p11 = block + (A.yhi[a] * W + A.xhi[b]) * LANES
                     for cc in range(LANES):
                         dy = gb[cc] * fy * ((wx0[b] * p10[cc] + wx1[b] * p11[cc]) - (wx0[b] * p00[cc] + wx1[b] * p01[cc]))
                         dx = gb[cc] * fx * (wy0[a] * (p01[cc] - p00[cc]) + wy1[a] * (p11[cc] - p10[cc]))
@@ -617,9 +714,10 @@ cdef void box_grad_lanes(const floating* block, Py_ssize_t W, const floating* g,
 cdef void finish_box_grad(const floating[:, ::1] rois, floating[:, ::1] grad_rois, Py_ssize_t k,
                           const double* acc, Py_ssize_t PH, Py_ssize_t PW, double scale,
                           bint aligned) noexcept nogil:
-    """Chain rule from the sample sums of box_grad_channel to (x1, y1, x2, y2) (spec section 5).
-    A sample at start + t * roi_size moves by scale * (1 - t) with the low corner and scale * t
-    with the high one, unless the roi size was clamped to 1 (then only the low corner moves it)."""
+    """Chain rule from the sample sums of box_grad_channel to (x1, y1, x2, y2) (conventions
+    section 5). A sample at start + t * roi_size moves by scale * (1 - t) with the low corner and
+    scale * t with the high one, unless the roi size was clamped to 1 (then only the low corner
+    moves it)."""
     cdef floating start, bin_size
     cdef bint clamped_y, clamped_x
     roi_axis(rois[k, 1], rois[k, 3], scale, aligned, PH, &start, &bin_size, &clamped_y)
@@ -638,17 +736,13 @@ cdef void finish_box_grad(const floating[:, ::1] rois, floating[:, ::1] grad_roi
 
 cdef void box_grad_nhwc(const floating[:, ::1] rois, floating[:, ::1] grad_rois, Py_ssize_t k,
                         const floating* image, Py_ssize_t C, Py_ssize_t W, const floating* g,
-                        Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw,
-                        const Py_ssize_t* ylo, const Py_ssize_t* yhi, const floating* wy0,
-                        const floating* wy1, const floating* sy, const Py_ssize_t* xlo,
-                        const Py_ssize_t* xhi, const floating* wx0, const floating* wx1,
-                        const floating* sx, double scale, bint aligned, int mode) noexcept nogil:
+                        Py_ssize_t PH, Py_ssize_t PW, const Axes* A, double scale, bint aligned,
+                        int mode) noexcept nogil:
     cdef double acc[4]
     cdef Py_ssize_t c
     acc[0] = acc[1] = acc[2] = acc[3] = 0
     for c in range(C):
-        box_grad_channel(image + c, C, W, g + c, C, PH, PW, gh, gw, ylo, yhi, wy0, wy1, sy, xlo,
-                         xhi, wx0, wx1, sx, mode, acc)
+        box_grad_channel(image + c, C, W, g + c, C, PH, PW, A, mode, acc)
     finish_box_grad(rois, grad_rois, k, acc, PH, PW, scale, aligned)
 
 
@@ -657,18 +751,17 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                    const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
                    Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
                    floating[:, ::1] grad_rois, double scale, bint aligned, int mode,
-                   bint channels_last, int n_threads):
+                   bint channels_last, bint interleave, int n_threads):
     """Add d(sum(grad_out * out)) / d(x1, y1, x2, y2) of the boxes at sorted positions j0..j1.
-    NHWC: one thread per box. NCHW: one task per (image, block of LANES planes) from
-    channels-last scratch, each writing its own partial sums per box, then added up per box in
-    block order. Either way the result does not depend on the thread count."""
+    NHWC: one thread per box. NCHW: one task per (image, block of LANES planes), read from
+    channels-last scratch (``interleave``) or straight from the planes, each writing its own
+    partial sums per box, then added up per box in block order. Either way the result does not
+    depend on the thread count."""
     cdef Py_ssize_t N, C, H, W, PH, PW, j, k, q, n, c, nb, cc, lo, hi, task, blocks, i
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef const floating* X = &features[0, 0, 0, 0]
-    cdef const Py_ssize_t[::1] ylo = t.ylo, yhi = t.yhi, xlo = t.xlo, xhi = t.xhi
-    cdef const Py_ssize_t[::1] yoff = t.yoff, xoff = t.xoff
-    cdef const floating[::1] wy0 = t.wy0, wy1 = t.wy1, wx0 = t.wx0, wx1 = t.wx1
-    cdef const floating[::1] sy = t.sy, sx = t.sx
+    cdef const TableSet* T = &t.ts
+    cdef Axes A
     cdef floating* scratch
     cdef floating* gbuf
     cdef int alloc_failed[1]
@@ -679,12 +772,9 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
         PH, PW = grad_out.shape[1], grad_out.shape[2]
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
             k = order[j]
-            q = j - j0
+            A = axes_at(T, j - j0, gh[k], gw[k])
             box_grad_nhwc(rois, grad_rois, k, X + batch_idx[k] * H * W * C, C, W,
-                          GO + k * PH * PW * C, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
-                          &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]],
-                          &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]],
-                          &sx[xoff[q]], scale, aligned, mode)
+                          GO + k * PH * PW * C, PH, PW, &A, scale, aligned, mode)
         return
     N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
     PH, PW = grad_out.shape[2], grad_out.shape[3]
@@ -692,7 +782,7 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     partial = np.zeros((j1 - j0) * blocks * 4 + 1)
     alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
-        scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+        scratch = <floating*>malloc((H * W * LANES if interleave else 1) * sizeof(floating))
         gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
         for task in prange(N * blocks, schedule="dynamic"):
             if scratch == NULL or gbuf == NULL:
@@ -700,23 +790,26 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                 continue
             bt = block_task(task, blocks, C, &img_start[0], j0, j1)
             n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
-            interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+            if interleave:
+                interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0
-                if mode == MODE_AVG:
+                A = axes_at(T, q, gh[k], gw[k])
+                if mode == MODE_AVG and interleave:
                     interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
-                    box_grad_lanes(scratch, W, gbuf, PH, PW, gh[k], gw[k], &ylo[yoff[q]],
-                                   &yhi[yoff[q]], &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]],
-                                   &xlo[xoff[q]], &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]],
-                                   &sx[xoff[q]], &partial[(q * blocks + task % blocks) * 4])
+                    box_grad_lanes(scratch, W, gbuf, PH, PW, &A,
+                                   &partial[(q * blocks + task % blocks) * 4])
                     continue
                 for cc in range(nb):
-                    box_grad_channel(scratch + cc, LANES, W, GO + (k * C + c + cc) * PH * PW, 1,
-                                     PH, PW, gh[k], gw[k], &ylo[yoff[q]], &yhi[yoff[q]],
-                                     &wy0[yoff[q]], &wy1[yoff[q]], &sy[yoff[q]], &xlo[xoff[q]],
-                                     &xhi[xoff[q]], &wx0[xoff[q]], &wx1[xoff[q]], &sx[xoff[q]],
-                                     mode, &partial[(q * blocks + task % blocks) * 4])
+                    if interleave:
+                        box_grad_channel(scratch + cc, LANES, W, GO + (k * C + c + cc) * PH * PW,
+                                         1, PH, PW, &A, mode,
+                                         &partial[(q * blocks + task % blocks) * 4])
+                    else:
+                        box_grad_channel(X + (n * C + c + cc) * H * W, 1, W,
+                                         GO + (k * C + c + cc) * PH * PW, 1, PH, PW, &A, mode,
+                                         &partial[(q * blocks + task % blocks) * 4])
         free(scratch)
         free(gbuf)
     if alloc_failed[0]:

@@ -1,11 +1,17 @@
-"""Rotated RoIAlign on the CPU: forward (average), feature and box gradients (spec section 4).
+"""Rotated RoIAlign on the CPU: forward (average), feature and box gradients (docs/conventions.md,
+section 4).
 
 A rotated box is not separable, so each box gets a table of its samples (4 pixel indices and 4
-bilinear weights each), filled once and reused over all channels. The loops are those of the
-axis-aligned kernels: NHWC splits the boxes over threads with vector code over channels; NCHW
-copies blocks of LANES planes to channels-last scratch (one task per image and block) when the boxes
-take enough samples to pay for it, and splits the boxes otherwise. The feature gradient lets each
-thread own the channels it writes, so it is bit-identical for any thread count.
+bilinear weights each), filled once and reused over all channels. Per bin the table holds only the
+samples inside the image (they count as 0 otherwise and never read the map), with their number.
+The kernels work on *pieces*: runs of bins of one box (usually the whole box), so that the tables
+of one huge box are built a piece at a time and memory stays bounded.
+
+The loops are those of the axis-aligned kernels: NHWC splits the pieces over threads with vector
+code over channels; NCHW copies blocks of LANES planes to channels-last scratch (one task per image
+and block) when the boxes take enough samples to pay for it, and otherwise splits the pieces (the
+forward) or gives each thread whole planes read directly (the gradients). The feature gradient lets
+each thread own the channels it writes, so it is bit-identical for any thread count.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
@@ -84,61 +90,69 @@ cdef inline void sample_point(Frame* f, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t
 
 
 cdef void fill_samples(const floating* roi, double scale, bint aligned, bint clockwise,
-                       Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t gh, Py_ssize_t gw, Py_ssize_t H,
-                       Py_ssize_t W, Py_ssize_t* idx, floating* w) noexcept nogil:
-    """Table of one box: for sample t (bin-major, then iy, then ix) the pixel indices y * W + x of
-    its 4 taps in idx[4t..4t+3] and their weights in w[4t..4t+3] (0 outside the image)."""
+                       Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t bin0, Py_ssize_t bin1,
+                       Py_ssize_t gh, Py_ssize_t gw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t* nv,
+                       Py_ssize_t* idx, floating* w) noexcept nogil:
+    """Table of bins bin0..bin1 of one box: bin b's samples inside the image (in iy, ix order)
+    take slots t = (b - bin0) * gh * gw + s, s < nv[b - bin0], with the pixel indices y * W + x
+    of their 4 taps in idx[4t..4t+3] and their weights in w[4t..4t+3]."""
     cdef Frame f = box_frame(roi, scale, aligned, clockwise)
-    cdef Py_ssize_t ph, pw, iy, ix, t = 0, y0, y1, x0, x1
+    cdef Py_ssize_t b, ph, pw, iy, ix, t, y0, y1, x0, x1
     cdef floating y, x, yy, xx, a0, a1, b0, b1, sy, sx
-    cdef bint ok
-    for ph in range(PH):
-        for pw in range(PW):
-            for iy in range(gh):
-                for ix in range(gw):
-                    sample_point(&f, ph, pw, iy, ix, gh, gw, PH, PW, &y, &x, &yy, &xx)
-                    # the sample is 0 when either coordinate leaves [-1, size]
-                    ok = bilinear_axis(y, H, &y0, &y1, &a0, &a1, &sy)
-                    ok = bilinear_axis(x, W, &x0, &x1, &b0, &b1, &sx) and ok
-                    if not ok:
-                        a0 = a1 = b0 = b1 = 0
-                    idx[4 * t] = y0 * W + x0
-                    idx[4 * t + 1] = y0 * W + x1
-                    idx[4 * t + 2] = y1 * W + x0
-                    idx[4 * t + 3] = y1 * W + x1
-                    w[4 * t] = a0 * b0
-                    w[4 * t + 1] = a0 * b1
-                    w[4 * t + 2] = a1 * b0
-                    w[4 * t + 3] = a1 * b1
-                    t += 1
+    for b in range(bin0, bin1):
+        ph, pw = b // PW, b % PW
+        t = (b - bin0) * gh * gw
+        nv[b - bin0] = 0
+        for iy in range(gh):
+            for ix in range(gw):
+                sample_point(&f, ph, pw, iy, ix, gh, gw, PH, PW, &y, &x, &yy, &xx)
+                # the sample is 0 when either coordinate leaves [-1, size]
+                if not (bilinear_axis(y, H, &y0, &y1, &a0, &a1, &sy) and
+                        bilinear_axis(x, W, &x0, &x1, &b0, &b1, &sx)):
+                    continue
+                idx[4 * t] = y0 * W + x0
+                idx[4 * t + 1] = y0 * W + x1
+                idx[4 * t + 2] = y1 * W + x0
+                idx[4 * t + 3] = y1 * W + x1
+                w[4 * t] = a0 * b0
+                w[4 * t + 1] = a0 * b1
+                w[4 * t + 2] = a1 * b0
+                w[4 * t + 3] = a1 * b1
+                t += 1
+                nv[b - bin0] += 1
 
 
 cdef class _Samples:
-    """Sample tables of the boxes at sorted positions j0..j1."""
-    cdef public object idx, w, off
+    """Sample tables of the pieces at sorted positions j0..j1: piece q's samples start at slot
+    off[q], its bins' valid counts at nv[boff[q]]."""
+    cdef public object idx, w, off, nv, boff
 
 
-def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_t j0,
-                Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, Py_ssize_t H,
-                Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale, bint aligned,
-                bint clockwise, int n_threads):
+def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, const int64_t[::1] bin0,
+                const int64_t[::1] bin1, Py_ssize_t j0, Py_ssize_t j1, const int64_t[::1] gh,
+                const int64_t[::1] gw, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
+                double scale, bint aligned, bint clockwise, int n_threads):
     dtype = np.float32 if floating is float else np.float64
     cdef Py_ssize_t n = j1 - j0, j, k
     t = _Samples()
     off_arr = np.zeros(n + 1, dtype=np.intp)
+    boff_arr = np.zeros(n + 1, dtype=np.intp)
     sel = np.asarray(order[j0:j1])
-    np.cumsum(np.asarray(gh)[sel] * np.asarray(gw)[sel] * (PH * PW), out=off_arr[1:])
+    bins = np.asarray(bin1[j0:j1]) - np.asarray(bin0[j0:j1])
+    np.cumsum(np.asarray(gh)[sel] * np.asarray(gw)[sel] * bins, out=off_arr[1:])
+    np.cumsum(bins, out=boff_arr[1:])
     total = int(off_arr[n])
     # one slack sample so that &table[offset] is valid for boxes with no samples
     t.idx = np.zeros(4 * (total + 1), np.intp)
     t.w = np.zeros(4 * (total + 1), dtype)
-    t.off = off_arr
-    cdef Py_ssize_t[::1] idx = t.idx, off = off_arr
+    t.nv = np.zeros(int(boff_arr[n]) + 1, np.intp)
+    t.off, t.boff = off_arr, boff_arr
+    cdef Py_ssize_t[::1] idx = t.idx, off = off_arr, nv = t.nv, boff = boff_arr
     cdef floating[::1] w = t.w
     for j in prange(n, nogil=True, schedule="dynamic", num_threads=n_threads):
         k = order[j0 + j]
-        fill_samples(&rois[k, 0], scale, aligned, clockwise, PH, PW, gh[k], gw[k], H, W,
-                     &idx[4 * off[j]], &w[4 * off[j]])
+        fill_samples(&rois[k, 0], scale, aligned, clockwise, PH, PW, bin0[j0 + j], bin1[j0 + j],
+                     gh[k], gw[k], H, W, &nv[boff[j]], &idx[4 * off[j]], &w[4 * off[j]])
     return t
 
 
@@ -146,9 +160,10 @@ def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_
 # forward and feature gradient: sample tables over channels-last data (pixel stride cs)
 
 cdef void pool_samples(const floating* image, Py_ssize_t cs, Py_ssize_t nc, floating* o,
-                       Py_ssize_t ob, Py_ssize_t n_bins, Py_ssize_t count, const Py_ssize_t* idx,
-                       const floating* w) noexcept nogil:
-    """o[bin * ob + c] = mean over the bin's samples of the bilinear value of channel c < nc."""
+                       Py_ssize_t ob, Py_ssize_t n_bins, Py_ssize_t count, const Py_ssize_t* nv,
+                       const Py_ssize_t* idx, const floating* w) noexcept nogil:
+    """o[bin * ob + c] = mean over the bin's ``count`` samples of the bilinear value of channel
+    c < nc; only the nv[bin] samples inside the image are read (the others are 0)."""
     cdef Py_ssize_t b, s, t, c
     cdef floating* ob_ptr
     cdef const floating* p00
@@ -161,7 +176,7 @@ cdef void pool_samples(const floating* image, Py_ssize_t cs, Py_ssize_t nc, floa
         ob_ptr = o + b * ob
         for c in range(nc):
             ob_ptr[c] = 0
-        for s in range(count):
+        for s in range(nv[b]):
             t = 4 * (b * count + s)
             p00 = image + idx[t] * cs
             p01 = image + idx[t + 1] * cs
@@ -176,8 +191,9 @@ cdef void pool_samples(const floating* image, Py_ssize_t cs, Py_ssize_t nc, floa
 
 cdef void scatter_samples(floating* gimage, Py_ssize_t cs, Py_ssize_t nc, const floating* g,
                           Py_ssize_t gb, Py_ssize_t n_bins, Py_ssize_t count,
-                          const Py_ssize_t* idx, const floating* w) noexcept nogil:
-    """Each sample sends g[bin * gb + c] * weight / count to its 4 taps."""
+                          const Py_ssize_t* nv, const Py_ssize_t* idx,
+                          const floating* w) noexcept nogil:
+    """Each sample inside the image sends g[bin * gb + c] * weight / count to its 4 taps."""
     cdef Py_ssize_t b, s, t, c
     cdef const floating* gp
     cdef floating* q00
@@ -190,7 +206,7 @@ cdef void scatter_samples(floating* gimage, Py_ssize_t cs, Py_ssize_t nc, const 
     inv_count = 1 / <floating>count
     for b in range(n_bins):
         gp = g + b * gb
-        for s in range(count):
+        for s in range(nv[b]):
             t = 4 * (b * count + s)
             q00 = gimage + idx[t] * cs
             q01 = gimage + idx[t + 1] * cs
@@ -206,13 +222,15 @@ cdef void scatter_samples(floating* gimage, Py_ssize_t cs, Py_ssize_t nc, const 
 
 
 def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
-            const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
-            const int64_t[::1] gh, const int64_t[::1] gw, _Samples t, floating[:, :, :, ::1] out,
-            bint channels_last, bint interleave, int n_threads):
-    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, nb, j, k, q, lo, hi, task, blocks
+            const int64_t[::1] order, const int64_t[::1] bin0, const int64_t[::1] bin1,
+            const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1, const int64_t[::1] gh,
+            const int64_t[::1] gw, _Samples t, floating[:, :, :, ::1] out, bint channels_last,
+            bint interleave, int n_threads):
+    """Pool the pieces at sorted positions j0..j1 (box order[j], bins bin0[j]..bin1[j])."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, nb, j, k, q, lo, hi, task, blocks, b0, nbins
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
-    cdef const Py_ssize_t[::1] idx = t.idx, off = t.off
+    cdef const Py_ssize_t[::1] idx = t.idx, off = t.off, nv = t.nv, boff = t.boff
     cdef const floating[::1] w = t.w
     cdef floating* scratch
     cdef int alloc_failed[1]
@@ -222,10 +240,10 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         PH, PW = out.shape[1], out.shape[2]
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
-            k = order[j]
-            q = j - j0
-            pool_samples(X + batch_idx[k] * H * W * C, C, C, O + k * PH * PW * C, C, PH * PW,
-                         gh[k] * gw[k], &idx[4 * off[q]], &w[4 * off[q]])
+            k, q, b0 = order[j], j - j0, bin0[j]
+            pool_samples(X + batch_idx[k] * H * W * C, C, C, O + (k * PH * PW + b0) * C, C,
+                         bin1[j] - b0, gh[k] * gw[k], &nv[boff[q]], &idx[4 * off[q]],
+                         &w[4 * off[q]])
         return
     N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
     PH, PW = out.shape[2], out.shape[3]
@@ -243,11 +261,11 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                 n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
                 for j in range(lo, hi):
-                    k = order[j]
-                    q = j - j0
-                    pool_samples(scratch, LANES, LANES, obuf, LANES, PH * PW, gh[k] * gw[k],
-                                 &idx[4 * off[q]], &w[4 * off[q]])
-                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW)
+                    k, q, b0 = order[j], j - j0, bin0[j]
+                    nbins = bin1[j] - b0
+                    pool_samples(scratch, LANES, LANES, obuf, LANES, nbins, gh[k] * gw[k],
+                                 &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
+                    deinterleave_bins(obuf, nbins, nb, O + (k * C + c) * PH * PW + b0, PH * PW)
             free(scratch)
             free(obuf)
         if alloc_failed[0]:
@@ -255,23 +273,26 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                               "of per-thread scratch")
     else:
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
-            k = order[j]
-            q = j - j0
+            k, q, b0 = order[j], j - j0, bin0[j]
             for c in range(C):
-                pool_samples(X + (batch_idx[k] * C + c) * H * W, 1, 1, O + (k * C + c) * PH * PW,
-                             1, PH * PW, gh[k] * gw[k], &idx[4 * off[q]], &w[4 * off[q]])
+                pool_samples(X + (batch_idx[k] * C + c) * H * W, 1, 1,
+                             O + (k * C + c) * PH * PW + b0, 1, bin1[j] - b0, gh[k] * gw[k],
+                             &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
 
 
 def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] batch_idx,
-                      const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
-                      Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Samples t,
-                      floating[:, :, :, ::1] grad_features, bint channels_last, int n_threads):
-    """Add the feature gradient of the boxes at sorted positions j0..j1; every element is owned
-    by one thread and receives its terms in the fixed sorted-box order."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, c0, nb, j, k, q, lo, hi, task, blocks, cc, i
+                      const int64_t[::1] order, const int64_t[::1] bin0, const int64_t[::1] bin1,
+                      const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
+                      const int64_t[::1] gh, const int64_t[::1] gw, _Samples t,
+                      floating[:, :, :, ::1] grad_features, bint channels_last, bint interleave,
+                      int n_threads):
+    """Add the feature gradient of the pieces at sorted positions j0..j1; every element is owned
+    by one thread and receives its terms in the fixed sorted order. NCHW without ``interleave``:
+    one task per plane, scattering straight into it (no scratch)."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, c0, nb, j, k, q, lo, hi, task, blocks, b0, nbins
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef floating* G = &grad_features[0, 0, 0, 0]
-    cdef const Py_ssize_t[::1] idx = t.idx, off = t.off
+    cdef const Py_ssize_t[::1] idx = t.idx, off = t.off, nv = t.nv, boff = t.boff
     cdef const floating[::1] w = t.w
     cdef floating* gscratch
     cdef int alloc_failed[1]
@@ -284,15 +305,23 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
         for task in prange(blocks, nogil=True, schedule="static", num_threads=n_threads):
             c0 = task * LANES
             for j in range(j0, j1):
-                k = order[j]
-                q = j - j0
+                k, q, b0 = order[j], j - j0, bin0[j]
                 scatter_samples(G + batch_idx[k] * H * W * C + c0, C,
                                 C - c0 if C - c0 < LANES else LANES,
-                                GO + k * PH * PW * C + c0, C, PH * PW, gh[k] * gw[k],
-                                &idx[4 * off[q]], &w[4 * off[q]])
+                                GO + (k * PH * PW + b0) * C + c0, C, bin1[j] - b0,
+                                gh[k] * gw[k], &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
         return
     N, C, H, W = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
     PH, PW = grad_out.shape[2], grad_out.shape[3]
+    if not interleave:
+        for task in prange(N * C, nogil=True, schedule="dynamic", num_threads=n_threads):
+            bt = block_task(task, C, C, &img_start[0], j0, j1, 1)
+            for j in range(bt.lo, bt.hi):
+                k, q, b0 = order[j], j - j0, bin0[j]
+                scatter_samples(G + (bt.n * C + bt.c) * H * W, 1, 1,
+                                GO + (k * C + bt.c) * PH * PW + b0, 1, bin1[j] - b0,
+                                gh[k] * gw[k], &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
+        return
     blocks = (C + LANES - 1) // LANES
     alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
@@ -306,11 +335,11 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
             n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
             memset(gscratch, 0, H * W * LANES * sizeof(floating))
             for j in range(lo, hi):
-                k = order[j]
-                q = j - j0
-                interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
-                scatter_samples(gscratch, LANES, LANES, gbuf, LANES, PH * PW, gh[k] * gw[k],
-                                &idx[4 * off[q]], &w[4 * off[q]])
+                k, q, b0 = order[j], j - j0, bin0[j]
+                nbins = bin1[j] - b0
+                interleave_planes(GO + (k * C + c) * PH * PW + b0, PH * PW, nb, gbuf, nbins)
+                scatter_samples(gscratch, LANES, LANES, gbuf, LANES, nbins, gh[k] * gw[k],
+                                &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
             add_deinterleaved(gscratch, H * W, nb, G + (n * C + c) * H * W)
         free(gscratch)
         free(gbuf)
@@ -424,10 +453,12 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                    const floating[:, ::1] rois, const int64_t[::1] batch_idx,
                    const int64_t[::1] order, const int64_t[::1] img_start,
                    const int64_t[::1] gh, const int64_t[::1] gw, floating[:, ::1] grad_rois,
-                   double scale, bint aligned, bint clockwise, bint channels_last, int n_threads):
-    """NHWC: one thread per box. NCHW: one task per (image, block of LANES planes) from
-    channels-last scratch, each writing its own partial sums per box, then added up per box in
-    block order. Either way the result does not depend on the thread count."""
+                   double scale, bint aligned, bint clockwise, bint channels_last,
+                   bint interleave, int n_threads):
+    """NHWC: one thread per box. NCHW: one task per (image, block of LANES planes), read from
+    channels-last scratch (``interleave``) or straight from the planes, each writing its own
+    partial sums per box, then added up per box in block order. Either way the result does not
+    depend on the thread count."""
     cdef Py_ssize_t N, C, H, W, PH, PW, j, k, K = rois.shape[0], n, c, nb, cc, i, task, blocks, lo, hi
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef const floating* X = &features[0, 0, 0, 0]
@@ -452,7 +483,7 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
         partial = np.zeros((K * blocks, 5))
         alloc_failed[0] = 0
         with nogil, parallel(num_threads=n_threads):
-            scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+            scratch = <floating*>malloc((H * W * LANES if interleave else 1) * sizeof(floating))
             gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
             for task in prange(N * blocks, schedule="dynamic"):
                 if scratch == NULL or gbuf == NULL:
@@ -460,13 +491,20 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                     continue
                 bt = block_task(task, blocks, C, &img_start[0], 0, K)
                 n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
-                interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+                if interleave:
+                    interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
                 for j in range(lo, hi):
                     k = order[j]
-                    interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
-                    box_grad(&rois[k, 0], &partial[k * blocks + task % blocks, 0], scratch, 0, 0,
-                             LANES, H, W, gbuf, 0, 0, True, PH, PW, gh[k], gw[k], scale, aligned,
-                             clockwise)
+                    if interleave:
+                        interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
+                        box_grad(&rois[k, 0], &partial[k * blocks + task % blocks, 0], scratch, 0,
+                                 0, LANES, H, W, gbuf, 0, 0, True, PH, PW, gh[k], gw[k], scale,
+                                 aligned, clockwise)
+                    else:
+                        box_grad(&rois[k, 0], &partial[k * blocks + task % blocks, 0],
+                                 X + (n * C + c) * H * W, 1, H * W, nb, H, W,
+                                 GO + (k * C + c) * PH * PW, 1, PH * PW, False, PH, PW, gh[k],
+                                 gw[k], scale, aligned, clockwise)
             free(scratch)
             free(gbuf)
         if alloc_failed[0]:
