@@ -101,7 +101,7 @@ template <bool NHWC> __device__ __forceinline__ Index4 split_index(i64 i, int C,
     return r;
 }
 
-// One axis of a bilinear sample (spec 1.6): coordinate c on an axis of `size` pixels. Sets the two
+// One axis of a bilinear sample (docs/conventions.md 1.6): coordinate c on an axis of `size` pixels. Sets the two
 // taps and their weights, and `slope` = d(w_hi)/dc, 0 where the coordinate is clamped (at or below
 // 0, at or beyond size - 1). Outside [-1, size] (NaN included) the sample is invalid: weights 0,
 // taps at pixel 0 so that callers may read them unconditionally. Same rules as the CPU kernels'
@@ -181,7 +181,7 @@ template <typename A> __device__ __forceinline__ A bilerp(const Sample<A>& s, co
            s.ay.w_hi * (s.ax.w_lo * v.v10 + s.ax.w_hi * v.v11);
 }
 
-// onnxruntime's max mode (spec 3): the largest weighted tap, not the sum of the taps.
+// onnxruntime's max mode (docs/conventions.md 3): the largest weighted tap, not the sum of the taps.
 template <typename A> __device__ __forceinline__ A tap_max(const Sample<A>& s, const Taps<A>& v) {
     A m = s.ay.w_lo * s.ax.w_lo * v.v00;
     A t = s.ay.w_lo * s.ax.w_hi * v.v01;
@@ -193,7 +193,7 @@ template <typename A> __device__ __forceinline__ A tap_max(const Sample<A>& s, c
     return m;
 }
 
-// d(value)/dy and d(value)/dx of a sample, 0 along a clamped axis (spec 5).
+// d(value)/dy and d(value)/dx of a sample, 0 along a clamped axis (docs/conventions.md 5).
 template <typename A> __device__ __forceinline__ A dvalue_dy(const Sample<A>& s, const Taps<A>& v) {
     return s.ay.slope * ((s.ax.w_lo * v.v10 + s.ax.w_hi * v.v11) - (s.ax.w_lo * v.v00 + s.ax.w_hi * v.v01));
 }

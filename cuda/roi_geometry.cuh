@@ -1,4 +1,4 @@
-// Box geometry shared by every kernel, forward and backward (spec sections 1, 4 and 5): where
+// Box geometry shared by every kernel, forward and backward (docs/conventions.md sections 1, 4 and 5): where
 // the sampling points of a bin lie, how they move with the box coordinates, and which of them can
 // reach a given pixel. Forward, both feature gradients and the box gradient all call point(), so
 // they cannot disagree about a sample.
@@ -113,7 +113,7 @@ __device__ __forceinline__ bool pixel_span(A c_min, A c_max, A mag, int size, i6
     return p0 <= p1;
 }
 
-// Axis-aligned box (x1, y1, x2, y2), spec section 1.
+// Axis-aligned box (x1, y1, x2, y2), docs/conventions.md section 1.
 template <typename A_> struct AlignedBox {
     typedef A_ A;
     typedef A_ acc_t;
@@ -208,7 +208,7 @@ template <typename A_> struct AlignedBox {
     }
 };
 
-// Rotated box (cx, cy, w, h, angle in degrees), spec section 4: sample offsets (yy, xx) from the
+// Rotated box (cx, cy, w, h, angle in degrees), docs/conventions.md section 4: sample offsets (yy, xx) from the
 // centre on an axis-aligned grid, rotated by theta (negated for clockwise=True).
 template <typename A_> struct RotatedBox {
     typedef A_ A;

@@ -24,7 +24,7 @@
 
 namespace rac {
 
-// Pool bin (ph, pw) of one channel (spec 1.7 and 3). For the max modes `arg` receives the winning
+// Pool bin (ph, pw) of one channel (docs/conventions.md 1.7 and 3). For the max modes `arg` receives the winning
 // sample iy * gw + ix (the first one on ties, like the CPU kernels), -1 for an empty grid.
 template <int MODE, typename Geom, typename T>
 __device__ __forceinline__ typename Geom::A pool_bin(const Geom& g, const Plane<const T>& f, int H, int W, int ph,

@@ -40,7 +40,7 @@ COLOURS = [(255, 80, 80), (80, 220, 80), (90, 160, 255), (255, 220, 60), (255, 1
 def _rotated_frame(px, py, cx, cy, angle_deg):
     """Coordinates of points (px, py) in the frame of a box centred at (cx, cy) turned by angle.
 
-    Inverse of the rotated RoIAlign mapping (spec section 4): x = yy sin + xx cos + cx,
+    Inverse of the rotated RoIAlign mapping (conventions section 4): x = yy sin + xx cos + cx,
     y = yy cos - xx sin + cy.
     """
     t = math.radians(angle_deg)

@@ -59,7 +59,7 @@ def random_boxes(rng, K, N, H, W, spatial_scale=1.0):
 
 
 def edge_case_boxes(rng, N, H, W, spatial_scale=1.0):
-    """(K, 5) boxes covering the edge cases of the spec, one or more of each kind, in image units.
+    """(K, 5) boxes covering the edge cases of docs/conventions.md, one or more of each kind, in image units.
 
     ordinary, partly outside (each side), wholly outside (beyond every side), tiny, degenerate
     (x1 == x2, y1 == y2, both), inverted (x2 < x1 and/or y2 < y1: refused by default, accepted with

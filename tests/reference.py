@@ -1,7 +1,7 @@
-"""Slow, obviously-correct numpy reference of the RoIAlign family, written from spec/semantics.md.
+"""Slow, obviously-correct numpy reference of the RoIAlign family, written from docs/conventions.md.
 
 Everything is computed in float64 with python loops over boxes, bins and samples and numpy
-vectors over channels, so that each line can be checked against the spec by eye. Features are
+vectors over channels, so that each line can be checked against docs/conventions.md by eye. Features are
 NCHW here; the tests convert layouts themselves.
 
 The geometry (box -> sample coordinates, grid size, count) is computed once per box by
@@ -23,7 +23,7 @@ def _grid_size(roi_size, pooled, sampling_ratio):
 
 
 def aligned_samples(roi, PH, PW, spatial_scale, sampling_ratio, aligned):
-    """Sample coordinates of one axis-aligned box ``roi`` = (x1, y1, x2, y2), spec section 1.
+    """Sample coordinates of one axis-aligned box ``roi`` = (x1, y1, x2, y2), conventions section 1.
 
     Returns (ys, xs, count): ys (PH, PW, gh, gw) and xs (PH, PW, gh, gw) in feature-map pixels,
     count = max(gh * gw, 1). gh or gw <= 0 gives arrays with a zero-size axis.
@@ -54,7 +54,7 @@ def aligned_samples(roi, PH, PW, spatial_scale, sampling_ratio, aligned):
 
 
 def rotated_samples(roi, PH, PW, spatial_scale, sampling_ratio, aligned, clockwise):
-    """Sample coordinates of one rotated box ``roi`` = (cx, cy, w, h, angle_degrees), spec section 4."""
+    """Sample coordinates of one rotated box ``roi`` = (cx, cy, w, h, angle_degrees), conventions section 4."""
     cx, cy, w, h, angle = (float(v) for v in roi)
     offset = 0.5 if aligned else 0.0
     centre_x = cx * spatial_scale - offset
@@ -88,7 +88,7 @@ def rotated_samples(roi, PH, PW, spatial_scale, sampling_ratio, aligned, clockwi
 
 def bilinear_taps(y, x, H, W):
     """The 4 (row, col, weight) taps of the bilinear sample at (y, x), or [] when out of range."""
-    # Written as a negated "inside" test so that NaN coordinates are outside (spec 1.6).
+    # Written as a negated "inside" test so that NaN coordinates are outside (conventions 1.6).
     if not (-1.0 <= y <= H and -1.0 <= x <= W):
         return []
     y = max(y, 0.0)
@@ -126,7 +126,7 @@ def sample_values(plane, ys, xs, mode):
         if not taps:
             values.append(np.zeros(C))
         elif mode == "onnx_max":
-            # onnxruntime quirk (spec 3): the largest *weighted tap*, not the tap sum.
+            # onnxruntime quirk (conventions 3): the largest *weighted tap*, not the tap sum.
             values.append(np.max([w * plane[:, r, c] for r, c, w in taps], axis=0))
         else:
             values.append(sum(w * plane[:, r, c] for r, c, w in taps))
@@ -145,7 +145,7 @@ def _pool(features, rois, batch_idx, PH, PW, samples_of, mode):
             for pw in range(PW):
                 vals = sample_values(plane, ys[ph, pw], xs[ph, pw], mode)
                 if len(vals) == 0:
-                    continue  # empty grid -> 0 (spec 3)
+                    continue  # empty grid -> 0 (conventions 3)
                 out[k, :, ph, pw] = vals.sum(axis=0) / count if mode == "avg" else vals.max(axis=0)
     return out
 
@@ -178,7 +178,7 @@ def _scatter(grad_out, features, feature_shape, rois, batch_idx, PH, PW, samples
 
 
 def roi_align_ref(features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, sampling_ratio, aligned, mode="avg"):
-    """Axis-aligned RoIAlign (spec 1 and 3); mode "avg", "max" (mmcv) or "onnx_max". Float64 (K, C, PH, PW)."""
+    """Axis-aligned RoIAlign (conventions 1 and 3); mode "avg", "max" (mmcv) or "onnx_max". Float64 (K, C, PH, PW)."""
     def samples_of(roi):
         return aligned_samples(roi, PH, PW, spatial_scale, sampling_ratio, aligned)
 
@@ -187,7 +187,7 @@ def roi_align_ref(features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, samp
 
 def roi_align_rotated_ref(features_nchw, rois_k5, batch_idx, PH, PW, spatial_scale, sampling_ratio, aligned=True,
                           clockwise=False):
-    """Rotated RoIAlign (spec 4), average mode; rois (K, 5) [cx, cy, w, h, angle_degrees]."""
+    """Rotated RoIAlign (conventions 4), average mode; rois (K, 5) [cx, cy, w, h, angle_degrees]."""
     def samples_of(roi):
         return rotated_samples(roi, PH, PW, spatial_scale, sampling_ratio, aligned, clockwise)
 
@@ -196,7 +196,7 @@ def roi_align_rotated_ref(features_nchw, rois_k5, batch_idx, PH, PW, spatial_sca
 
 def roi_align_backward_ref(grad_out, features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, sampling_ratio,
                            aligned, mode="avg"):
-    """Gradient wrt the NCHW features by explicit scatter (spec 5); mode "avg" or "max"."""
+    """Gradient wrt the NCHW features by explicit scatter (conventions 5); mode "avg" or "max"."""
     features = np.asarray(features_nchw)
 
     def samples_of(roi):

@@ -26,7 +26,7 @@ def _peer_boxes(boxes, aligned, sampling_ratio):
     """Drop what the peers cannot take: with aligned=True and an adaptive grid, a box inverted on
     exactly one axis gives a negative gh * gw, on which torchvision raises ("cannot create
     std::vector larger than max_size()") and onnxruntime fails (SafeInt overflow). Our result for
-    those boxes (zero, spec 1.4) is checked against the reference in test_forward."""
+    those boxes (zero, conventions 1.4) is checked against the reference in test_forward."""
     if not aligned or sampling_ratio > 0:
         return boxes
     inverted = (boxes[:, 3] < boxes[:, 1]) != (boxes[:, 4] < boxes[:, 2])

@@ -21,8 +21,23 @@ import os
 
 import numpy as np
 
-from . import _roi_align, _roi_align_rotated
-from ._openmp import effective_n_threads as _openmp_threads, openmp_enabled
+try:
+    from . import _roi_align, _roi_align_rotated
+    from ._openmp import effective_n_threads as _openmp_threads, openmp_enabled
+except ImportError as exc:
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.exists(os.path.join(_here, "_roi_align.pyx")):
+        raise
+    # a source checkout first on sys.path (python -m, or python run from the checkout) shadows the
+    # installed package and has no compiled kernels: say so, and what to do
+    raise ImportError(
+        f"the CPU kernels of roialign_cy are not built in {os.path.dirname(_here)}, a source "
+        "checkout that Python imported instead of the installed package because the current "
+        "directory comes first on sys.path (python -m or python run from the checkout). Use the "
+        "installed command (e.g. `roialign-cy demo`), run Python from another directory, or "
+        "build the checkout in place: `python setup.py build_ext --inplace` (or "
+        f"`pip install -e .`). ({exc})"
+    ) from exc
 
 # table entries (one sample along one axis, or one rotated sample's 4 taps) built at once
 TABLE_ENTRIES_PER_CHUNK = 1 << 22
