@@ -3,7 +3,8 @@
 Three levels, from what any machine can check to what needs a GPU:
 1. sources and compilation: the loader finds every file; nvcc (when installed) compiles every
    kernel instantiation the loader asks for; NVRTC (from the test extra's NVIDIA wheels, needed
-   in CI) compiles each module exactly as CuPy will, name expressions included;
+   in CI) compiles each module exactly as CuPy will, name expressions included; a machine
+   without NVRTC or the CUDA headers gets an error saying what to install;
 2. host emulation (tests/cuda_host, needs g++): the same kernel sources compiled as C++ and driven
    by the backend's own launch code (``_cuda._Ops``), compared with the CPU backend, and the
    deterministic gradients checked to be independent of the order threads and blocks run in;
@@ -208,34 +209,75 @@ def test_missing_cupy_raises_an_import_error_naming_the_extras(monkeypatch):
     assert not _cuda.is_available()
 
 
-def test_compilation_is_cached_per_device_and_explains_missing_fp16_header(monkeypatch):
-    # a stand-in for CuPy, to check the loader's side of the RawModule calls without a GPU
-    compiled = []
+class CompileException(Exception):
+    """CuPy's error carrying NVRTC's log."""
+
+
+class DynamicLibNotFoundError(RuntimeError):
+    """cuda.pathfinder's error, raised through CuPy >= 14 when no libnvrtc is found."""
+
+
+# what CuPy raises on a machine with the NVIDIA driver alone (messages as CuPy 14.2 and 13 word them)
+MISSING_TOOLKIT = {
+    "headers": CompileException('roi_align.cu(5): catastrophic error: cannot open source file "cuda_fp16.h"'),
+    "nvrtc, CuPy 14": DynamicLibNotFoundError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12": '
+                                              "No such file: libnvrtc.so.13 or libnvrtc.so.12"),
+    "nvrtc, CuPy 13": RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open "
+                                   "shared object file: No such file or directory"),
+}
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A stand-in for CuPy, to check the loader's side of the RawModule calls without a GPU: its
+    ``compiled`` lists the (code, options, name_expressions) of each compilation, which raises
+    ``fail_with`` when set."""
+    device = types.SimpleNamespace(id=0)
+    fake = types.SimpleNamespace(compiled=[], fail_with=None, device=device,
+                                 cuda=types.SimpleNamespace(Device=lambda: device))
 
     class RawModule:
         def __init__(self, code, options, name_expressions):
             self.args = (code, options, name_expressions)
 
         def compile(self):
-            compiled.append(self.args)
-            if fail_with:
-                raise RuntimeError(fail_with)
+            fake.compiled.append(self.args)
+            if fake.fail_with is not None:
+                raise fake.fail_with
 
-    device = types.SimpleNamespace(id=0)
-    fake = types.SimpleNamespace(RawModule=RawModule, cuda=types.SimpleNamespace(Device=lambda: device))
+    fake.RawModule = RawModule
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(_cuda, "_MODULES", {})
-    fail_with = None
+    return fake
+
+
+def test_compilation_is_cached_per_device(fake_cupy):
     first = _cuda._module("roi_align.cu", "float")
-    assert _cuda._module("roi_align.cu", "float") is first and len(compiled) == 1
-    code, options, names = compiled[0]
+    assert _cuda._module("roi_align.cu", "float") is first and len(fake_cupy.compiled) == 1
+    code, options, names = fake_cupy.compiled[0]
     assert f"-I{_cuda.source_dir()}" in options and "-std=c++17" in options
     assert names == _cuda.name_expressions("roi_align.cu", "float")
-    device.id = 1  # another device compiles its own module
-    assert _cuda._module("roi_align.cu", "float") is not first and len(compiled) == 2
-    fail_with = 'catastrophic error: cannot open source file "cuda_fp16.h"'
-    with pytest.raises(RuntimeError, match="CUDA toolkit headers"):
+    fake_cupy.device.id = 1  # another device compiles its own module
+    assert _cuda._module("roi_align.cu", "float") is not first and len(fake_cupy.compiled) == 2
+
+
+@pytest.mark.parametrize("missing", MISSING_TOOLKIT)
+def test_compilation_without_the_toolkit_says_what_to_install(fake_cupy, missing):
+    fake_cupy.fail_with = MISSING_TOOLKIT[missing]
+    lacks = "cuda_fp16.h" if missing == "headers" else "cannot load NVRTC"
+    with pytest.raises(RuntimeError, match=re.escape(lacks)) as info:
         _cuda._module("roi_align_rotated.cu", "__half")
+    for advice in ('pip install "roialign_cy[cuda12]"', '"roialign_cy[cuda13]"', "cupy-cuda12x[ctk]",
+                   "cupy-cuda13x[ctk]"):
+        assert advice in str(info.value)
+    assert info.value.__cause__ is fake_cupy.fail_with
+    assert not _cuda._MODULES  # installing the toolkit and calling again compiles
+
+
+def test_other_compilation_errors_pass_through(fake_cupy):
+    fake_cupy.fail_with = CompileException('roi_align.cu(9): error: identifier "x" is undefined')
+    with pytest.raises(CompileException):
+        _cuda._module("roi_align.cu", "double")
 
 
 def test_backend_cuda_refuses_numpy_arrays():
@@ -423,7 +465,7 @@ def test_emulated_deterministic_gradients_ignore_scheduling(emu_lib, rng, monkey
 
 @pytest.fixture(scope="module")
 def cp():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install roialign_cy[cuda12] or [cuda13])")
+    cupy = pytest.importorskip("cupy", reason='CuPy is not installed (pip install "roialign_cy[cuda12]" or [cuda13])')
     if not _cuda.is_available():
         pytest.skip("CuPy is installed but sees no CUDA device")
     return cupy
