@@ -198,16 +198,17 @@ class _Ops:
 _MODULES = {}
 _MODULES_LOCK = threading.Lock()
 _GPU_OPS = []
+# CuPy's [ctk] extra (CuPy >= 14) brings NVRTC and the CUDA headers from pip, so that a machine with
+# the NVIDIA driver alone compiles the kernels
+_INSTALL = ('pip install "roialign_cy[cuda12]" (CUDA 12.x) or "roialign_cy[cuda13]" (CUDA 13.x), which '
+            "install cupy-cuda12x[ctk] or cupy-cuda13x[ctk]")
 
 
 def _cupy():
     try:
         import cupy
     except ImportError as exc:
-        raise ImportError(
-            "roialign_cy's CUDA backend needs CuPy: pip install roialign_cy[cuda12] (CUDA 12.x) "
-            "or roialign_cy[cuda13] (CUDA 13.x)"
-        ) from exc
+        raise ImportError(f"roialign_cy's CUDA backend needs CuPy: {_INSTALL}") from exc
     return cupy
 
 
@@ -231,6 +232,19 @@ def _code(directory, source):
     return (directory / source).read_text() + f"\n// roialign_cy headers sha256 {digest}\n"
 
 
+def _missing_toolkit(exc):
+    """What CuPy's compilation lacked, when ``exc`` says NVRTC or the CUDA headers are missing
+    (a machine with the driver alone); None for any other failure."""
+    text = str(exc)
+    if "cuda_fp16.h" in text:  # NVRTC's log: cannot open source file "cuda_fp16.h"
+        return "CuPy's NVRTC cannot find cuda_fp16.h, which roialign_cy's kernels include"
+    # CuPy >= 14 (cuda.pathfinder): Failure finding "libnvrtc.so.13 or libnvrtc.so.12";
+    # CuPy 13: CuPy failed to load libnvrtc.so.12 (nvrtc64_120_0.dll on Windows)
+    if "libnvrtc" in text or "nvrtc64_" in text:
+        return "CuPy cannot load NVRTC, the CUDA run-time compiler of roialign_cy's kernels"
+    return None
+
+
 def _module(source, scalar):
     """The compiled module of ``source`` for ``scalar`` on the current device (once per process)."""
     cupy = _cupy()
@@ -246,13 +260,12 @@ def _module(source, scalar):
                                         name_expressions=name_expressions(source, scalar))
                 try:
                     module.compile()
-                except Exception as exc:  # CuPy's CompileException
-                    if "cuda_fp16.h" not in str(exc):
+                except Exception as exc:  # CuPy's CompileException, or NVRTC not found
+                    missing = _missing_toolkit(exc)
+                    if missing is None:
                         raise
                     raise RuntimeError(
-                        "CuPy's NVRTC cannot find cuda_fp16.h, which roialign_cy's kernels include: "
-                        "install the CUDA toolkit headers (a CUDA toolkit with CUDA_PATH set, or the "
-                        "NVIDIA CUDA runtime header wheel from pip; see CuPy's installation guide)"
+                        f"{missing}: {_INSTALL}; or install a CUDA toolkit and set CUDA_PATH"
                     ) from exc
                 _MODULES[key] = module
     return module

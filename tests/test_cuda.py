@@ -2,8 +2,9 @@
 
 Three levels, from what any machine can check to what needs a GPU:
 1. sources and compilation: the loader finds every file; nvcc (when installed) compiles every
-   kernel instantiation the loader asks for; NVRTC (when its library is found) compiles each
-   module exactly as CuPy will, name expressions included;
+   kernel instantiation the loader asks for; NVRTC (from the test extra's NVIDIA wheels, needed
+   in CI) compiles each module exactly as CuPy will, name expressions included; a machine
+   without NVRTC or the CUDA headers gets an error saying what to install;
 2. host emulation (tests/cuda_host, needs g++): the same kernel sources compiled as C++ and driven
    by the backend's own launch code (``_cuda._Ops``), compared with the CPU backend, and the
    deterministic gradients checked to be independent of the order threads and blocks run in;
@@ -127,7 +128,8 @@ def test_nvcc_compiles_every_instantiation(tmp_path):
 
 def find_nvrtc():
     """libnvrtc (and the directory of its builtins) from $ROIALIGN_CY_NVRTC, the NVIDIA wheels on
-    sys.path, the CUDA toolkit or the loader's search path; None when absent."""
+    sys.path (nvidia/cuda_nvrtc/lib of nvidia-cuda-nvrtc-cu12, nvidia/cu13/lib of nvidia-cuda-nvrtc
+    13.x), the CUDA toolkit or the loader's search path; None when absent."""
     found = [os.environ.get("ROIALIGN_CY_NVRTC", "")]
     for entry in sys.path:
         found += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "lib", "libnvrtc.so*")))
@@ -141,22 +143,33 @@ def find_nvrtc():
 
 
 def find_cuda_include():
-    """A directory holding cuda_fp16.h, which CuPy passes to NVRTC from the CUDA toolkit."""
+    """A directory holding cuda_fp16.h, which CuPy passes to NVRTC: like CuPy (cuda.pathfinder), the
+    NVIDIA wheels first (nvidia/cuda_runtime/include of nvidia-cuda-runtime-cu12, nvidia/cu13/include
+    of nvidia-cuda-runtime 13.x), then the CUDA toolkit."""
+    dirs = []
+    for entry in sys.path:
+        dirs += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "include")))
     roots = [os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
     if shutil.which("nvcc"):
         roots.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
-    dirs = [os.path.join(r, "include") for r in roots if r]
-    for entry in sys.path:
-        dirs += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "include")))
+    dirs += [os.path.join(r, "include") for r in roots if r]
     return next((d for d in dirs if os.path.isfile(os.path.join(d, "cuda_fp16.h"))), None)
+
+
+def nvrtc_missing(reason):
+    """Skip, except in CI on Linux, where the test extra installs NVRTC and the headers: there the
+    compilation CuPy will do must be checked, so a missing piece fails."""
+    if os.environ.get("CI") and sys.platform == "linux":
+        pytest.fail(f"{reason}: CI must compile the kernels with NVRTC (pip install \".[test]\" brings it)")
+    pytest.skip(reason)
 
 
 def test_nvrtc_compiles_every_module_as_cupy_does():
     lib_path, include = find_nvrtc(), find_cuda_include()
     if lib_path is None:
-        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, or set ROIALIGN_CY_NVRTC)")
+        nvrtc_missing("libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12, or set ROIALIGN_CY_NVRTC)")
     if include is None:
-        pytest.skip("no CUDA include directory with cuda_fp16.h")
+        nvrtc_missing("no CUDA include directory with cuda_fp16.h (pip install nvidia-cuda-runtime-cu12)")
     for builtins in glob.glob(os.path.join(os.path.dirname(lib_path), "libnvrtc-builtins.so*")):
         if ".alt." not in builtins:
             ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
@@ -196,34 +209,75 @@ def test_missing_cupy_raises_an_import_error_naming_the_extras(monkeypatch):
     assert not _cuda.is_available()
 
 
-def test_compilation_is_cached_per_device_and_explains_missing_fp16_header(monkeypatch):
-    # a stand-in for CuPy, to check the loader's side of the RawModule calls without a GPU
-    compiled = []
+class CompileException(Exception):
+    """CuPy's error carrying NVRTC's log."""
+
+
+class DynamicLibNotFoundError(RuntimeError):
+    """cuda.pathfinder's error, raised through CuPy >= 14 when no libnvrtc is found."""
+
+
+# what CuPy raises on a machine with the NVIDIA driver alone (messages as CuPy 14.2 and 13 word them)
+MISSING_TOOLKIT = {
+    "headers": CompileException('roi_align.cu(5): catastrophic error: cannot open source file "cuda_fp16.h"'),
+    "nvrtc, CuPy 14": DynamicLibNotFoundError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12": '
+                                              "No such file: libnvrtc.so.13 or libnvrtc.so.12"),
+    "nvrtc, CuPy 13": RuntimeError("CuPy failed to load libnvrtc.so.12: OSError: libnvrtc.so.12: cannot open "
+                                   "shared object file: No such file or directory"),
+}
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A stand-in for CuPy, to check the loader's side of the RawModule calls without a GPU: its
+    ``compiled`` lists the (code, options, name_expressions) of each compilation, which raises
+    ``fail_with`` when set."""
+    device = types.SimpleNamespace(id=0)
+    fake = types.SimpleNamespace(compiled=[], fail_with=None, device=device,
+                                 cuda=types.SimpleNamespace(Device=lambda: device))
 
     class RawModule:
         def __init__(self, code, options, name_expressions):
             self.args = (code, options, name_expressions)
 
         def compile(self):
-            compiled.append(self.args)
-            if fail_with:
-                raise RuntimeError(fail_with)
+            fake.compiled.append(self.args)
+            if fake.fail_with is not None:
+                raise fake.fail_with
 
-    device = types.SimpleNamespace(id=0)
-    fake = types.SimpleNamespace(RawModule=RawModule, cuda=types.SimpleNamespace(Device=lambda: device))
+    fake.RawModule = RawModule
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(_cuda, "_MODULES", {})
-    fail_with = None
+    return fake
+
+
+def test_compilation_is_cached_per_device(fake_cupy):
     first = _cuda._module("roi_align.cu", "float")
-    assert _cuda._module("roi_align.cu", "float") is first and len(compiled) == 1
-    code, options, names = compiled[0]
+    assert _cuda._module("roi_align.cu", "float") is first and len(fake_cupy.compiled) == 1
+    code, options, names = fake_cupy.compiled[0]
     assert f"-I{_cuda.source_dir()}" in options and "-std=c++17" in options
     assert names == _cuda.name_expressions("roi_align.cu", "float")
-    device.id = 1  # another device compiles its own module
-    assert _cuda._module("roi_align.cu", "float") is not first and len(compiled) == 2
-    fail_with = 'catastrophic error: cannot open source file "cuda_fp16.h"'
-    with pytest.raises(RuntimeError, match="CUDA toolkit headers"):
+    fake_cupy.device.id = 1  # another device compiles its own module
+    assert _cuda._module("roi_align.cu", "float") is not first and len(fake_cupy.compiled) == 2
+
+
+@pytest.mark.parametrize("missing", MISSING_TOOLKIT)
+def test_compilation_without_the_toolkit_says_what_to_install(fake_cupy, missing):
+    fake_cupy.fail_with = MISSING_TOOLKIT[missing]
+    lacks = "cuda_fp16.h" if missing == "headers" else "cannot load NVRTC"
+    with pytest.raises(RuntimeError, match=re.escape(lacks)) as info:
         _cuda._module("roi_align_rotated.cu", "__half")
+    for advice in ('pip install "roialign_cy[cuda12]"', '"roialign_cy[cuda13]"', "cupy-cuda12x[ctk]",
+                   "cupy-cuda13x[ctk]"):
+        assert advice in str(info.value)
+    assert info.value.__cause__ is fake_cupy.fail_with
+    assert not _cuda._MODULES  # installing the toolkit and calling again compiles
+
+
+def test_other_compilation_errors_pass_through(fake_cupy):
+    fake_cupy.fail_with = CompileException('roi_align.cu(9): error: identifier "x" is undefined')
+    with pytest.raises(CompileException):
+        _cuda._module("roi_align.cu", "double")
 
 
 def test_backend_cuda_refuses_numpy_arrays():
@@ -411,7 +465,7 @@ def test_emulated_deterministic_gradients_ignore_scheduling(emu_lib, rng, monkey
 
 @pytest.fixture(scope="module")
 def cp():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install roialign_cy[cuda12] or [cuda13])")
+    cupy = pytest.importorskip("cupy", reason='CuPy is not installed (pip install "roialign_cy[cuda12]" or [cuda13])')
     if not _cuda.is_available():
         pytest.skip("CuPy is installed but sees no CUDA device")
     return cupy
