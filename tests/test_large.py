@@ -204,6 +204,6 @@ def test_scratch_stays_bounded(case):
 def test_nchw_strategy_bounds_scratch(c, h, w, samples, blocks):
     from roialign_cy import _cpu
 
-    assert _cpu._use_blocks(samples, 1, c, h, w, 4, 1, False) is blocks
+    assert _cpu._use_blocks(samples, c, h, w, 1, 4, 1, 1, False) is blocks
     if blocks:
         assert h * w * 16 * 4 <= _cpu.SCRATCH_BYTES_PER_THREAD

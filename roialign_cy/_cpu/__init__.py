@@ -87,12 +87,22 @@ def _shape(array, p):
     return n, c, h, w
 
 
-def grid_sizes(rois, p):
+def grid_sizes(rois, p, level=None, scales=None):
     """Samples per bin (gh, gw) of every box, int64 (saturated at ``_params.GRID_SATURATE``): the
-    one statement of the grid rule that the bound checks and the kernels share."""
-    kernels = _roi_align_rotated if p.rotated else _roi_align
-    return kernels.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale, p.sampling_ratio,
-                              p.aligned)
+    one statement of the grid rule that the bound checks and the kernels share. Axis-aligned boxes
+    may lie on several levels: box k at scale ``scales[level[k]]``."""
+    if p.rotated:
+        return _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
+                                             p.sampling_ratio, p.aligned)
+    level, scales = _levels(len(rois), level, scales, p)
+    return _roi_align.grid_sizes(rois, level, scales, p.pooled_h, p.pooled_w, p.sampling_ratio,
+                                 p.aligned)
+
+
+def _levels(k, level, scales, p):
+    if level is None:
+        return np.zeros(k, np.int64), np.array([p.spatial_scale])
+    return level, np.asarray(scales, np.float64)
 
 
 def check_table_sizes(gh, gw, p):
@@ -141,33 +151,43 @@ def _chunks(sizes):
         yield j0, len(sizes)
 
 
-def _use_blocks(samples, n, c, h, w, itemsize, n_threads, forward):
-    """The NCHW strategy: copy blocks of LANES planes to channels-last scratch (vector code over
-    channels), or read the planes directly. Blocks pay when the boxes take at least about one
-    sample per feature pixel (the copy is one read of the map), when a block is full
-    (C >= LANES), and when a block fits the scratch bound; the forward also needs enough
-    (image, block) tasks to keep the threads busy, since otherwise it splits the boxes."""
+def _use_blocks(samples, c, h, w, n, itemsize, tasks, n_threads, forward):
+    """The NCHW strategy for one map of n images: copy blocks of LANES planes to channels-last
+    scratch (vector code over channels), or read the planes directly. Blocks pay when the boxes
+    take at least about one sample per feature pixel (the copy is one read of the map), when a
+    block is full (C >= LANES), and when a block fits the scratch bound; the forward also needs
+    enough block ``tasks`` to keep the threads busy, since otherwise it splits the boxes."""
     lanes = _roi_align.BLOCK_CHANNELS
     if c < lanes or h * w * lanes * itemsize > SCRATCH_BYTES_PER_THREAD:
         return False
-    if forward and n * -(-c // lanes) < n_threads:
+    if forward and tasks < n_threads:
         return False
     return samples >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w
 
 
 class _Run:
-    """The boxes of one call, sorted by image, with their grid sizes: what every kernel of the call
-    shares. ``chunks(h, w, n_threads)`` yields (j0, j1, tables) over positions of ``order``
-    (rotated: of the pieces ``order``/``bin0``/``bin1``)."""
+    """The boxes of one call, sorted by (level,) image, with their grid sizes: what every kernel
+    of the call shares. ``chunks()`` yields (j0, j1, tables) over positions of ``order``
+    (rotated: of the pieces ``order``/``bin0``/``bin1``); ``where()`` gives the kernels' leading
+    arguments, ``blocks()`` the NCHW strategy of each level."""
 
-    def __init__(self, rois, batch_idx, n_images, p):
-        self.rois, self.p = rois, p
-        self.gh, self.gw = grid_sizes(rois, p)
-        check_table_sizes(self.gh, self.gw, p)
-        self.order, self.img_start = _group_by_image(batch_idx, n_images)
-        n_bins = p.pooled_h * p.pooled_w
+    def __init__(self, maps, rois, batch_idx, p, n_threads, level=None, scales=None):
+        self.rois, self.p, self.n_threads = rois, p, n_threads
+        self.shapes = [_shape(m, p) for m in maps]
+        self.itemsize = maps[0].itemsize
+        n_images = self.shapes[0][0]
         if p.rotated:
-            self._pieces(n_bins)
+            self.gh, self.gw = grid_sizes(rois, p)
+            key, n_keys = batch_idx, n_images
+        else:
+            self.level, self.scales = _levels(len(rois), level, scales, p)
+            self.gh, self.gw = grid_sizes(rois, p, self.level, self.scales)
+            key = batch_idx if level is None else self.level * n_images + batch_idx
+            n_keys = len(maps) * n_images
+        check_table_sizes(self.gh, self.gw, p)
+        self.order, self.img_start = _group_by_image(key, n_keys)
+        if p.rotated:
+            self._pieces(p.pooled_h * p.pooled_w)
 
     def _pieces(self, n_bins):
         """Split rotated boxes whose table exceeds the chunk bound into runs of whole bins."""
@@ -186,12 +206,7 @@ class _Run:
         self.img_start = np.concatenate([[0], np.cumsum(n_pieces)])[self.img_start]
         self.order = box
 
-    def samples(self, j0, j1):
-        sel = self.order[j0:j1]
-        bins = (self.bin1[j0:j1] - self.bin0[j0:j1]) if self.p.rotated else self.p.pooled_h * self.p.pooled_w
-        return float(np.sum(self.gh[sel] * self.gw[sel] * bins))
-
-    def chunks(self, h, w, n_threads):
+    def chunks(self):
         p = self.p
         if p.rotated:
             sizes = self.gh[self.order] * self.gw[self.order] * (self.bin1 - self.bin0) * 4
@@ -199,86 +214,121 @@ class _Run:
             sizes = (self.gh * p.pooled_h + self.gw * p.pooled_w)[self.order]
         for j0, j1 in _chunks(sizes):
             if p.rotated:
+                _, _, h, w = self.shapes[0]
                 t = _roi_align_rotated.make_tables(
                     self.rois, self.order, self.bin0, self.bin1, j0, j1, self.gh, self.gw, h, w,
-                    p.pooled_h, p.pooled_w, p.spatial_scale, p.aligned, p.clockwise, n_threads)
+                    p.pooled_h, p.pooled_w, p.spatial_scale, p.aligned, p.clockwise,
+                    self.n_threads)
             else:
+                heights = np.array([s[2] for s in self.shapes], np.int64)
+                widths = np.array([s[3] for s in self.shapes], np.int64)
                 t = _roi_align.make_tables(
-                    self.rois, self.order, j0, j1, self.gh, self.gw, h, w, p.pooled_h,
-                    p.pooled_w, p.spatial_scale, p.aligned, n_threads)
+                    self.rois, self.order, j0, j1, self.gh, self.gw, self.level, heights, widths,
+                    self.scales, p.pooled_h, p.pooled_w, p.aligned, self.n_threads)
             yield j0, j1, t
 
+    def blocks(self, j0, j1, forward):
+        """Per level, whether the NCHW kernels copy blocks of planes (uint8 array)."""
+        p, lanes = self.p, _roi_align.BLOCK_CHANNELS
+        sel = self.order[j0:j1]
+        if p.rotated:
+            samples = [float(np.sum(self.gh[sel] * self.gw[sel] * (self.bin1[j0:j1] - self.bin0[j0:j1])))]
+        else:
+            per_box = (self.gh[sel] * self.gw[sel]).astype(np.float64) * (p.pooled_h * p.pooled_w)
+            samples = np.bincount(self.level[sel], per_box, minlength=len(self.shapes))
+        tasks = sum(s[0] * -(-s[1] // lanes) for s in self.shapes)
+        return np.array([not p.channels_last and
+                         _use_blocks(samples[l], c, h, w, n, self.itemsize, tasks,
+                                     self.n_threads, forward)
+                         for l, (n, c, h, w) in enumerate(self.shapes)], np.uint8)
+
     def where(self):
-        """The leading kernel arguments that say which boxes (or pieces) run."""
+        """The kernels' arguments that say which boxes (or pieces) run, in which order."""
         if self.p.rotated:
             return self.order, self.bin0, self.bin1, self.img_start
         return self.order, self.img_start
 
 
 def forward(features, rois, batch_idx, out, p):
+    forward_levels([features], rois, batch_idx, None, None, out, p)
+
+
+def forward_levels(maps, rois, batch_idx, level, scales, out, p):
+    """Pool each box from its level's map (``maps[level[k]]`` at scale ``scales[level[k]]``;
+    level None: one map at ``p.spatial_scale``) into ``out``, all levels in one parallel
+    region."""
     if out.size == 0:
         return
-    n_threads = _n_threads(p, out.size)
-    n, c, h, w = _shape(features, p)
-    run = _Run(rois, batch_idx, n, p)
-    for j0, j1, t in run.chunks(h, w, n_threads):
-        blocks = not p.channels_last and _use_blocks(run.samples(j0, j1), n, c, h, w,
-                                                     features.itemsize, n_threads, True)
+    run = _Run(maps, rois, batch_idx, p, _n_threads(p, out.size), level, scales)
+    for j0, j1, t in run.chunks():
+        blocks = run.blocks(j0, j1, True)
         if p.rotated:
-            _roi_align_rotated.forward(features, batch_idx, *run.where(), j0, j1, run.gh, run.gw,
-                                       t, out, p.channels_last, blocks, n_threads)
+            _roi_align_rotated.forward(maps[0], batch_idx, *run.where(), j0, j1, run.gh, run.gw,
+                                       t, out, p.channels_last, bool(blocks[0]), run.n_threads)
         else:
-            _roi_align.forward(features, batch_idx, *run.where(), j0, j1, run.gh, run.gw, t, out,
-                               _roi_align.MODES[p.mode], p.channels_last, blocks, n_threads)
+            _roi_align.forward(maps, run.level, batch_idx, *run.where(), j0, j1, run.gh, run.gw,
+                               t, out, _roi_align.MODES[p.mode], p.channels_last, blocks,
+                               run.n_threads)
 
 
 def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
+    backward_features_levels(grad_out, [features], rois, batch_idx, None, None, [grad_features],
+                             p)
+
+
+def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p):
+    """Add the feature gradient of every level into ``grads`` (shaped like ``maps``, zeroed by
+    the caller); a map may be None in avg mode, which reads no feature value."""
     if grad_out.size == 0:
         return
-    n_threads = _n_threads(p, grad_out.size)
-    n, c, h, w = _shape(grad_features, p)
-    if features is None:
-        features = grad_features  # avg mode reads no feature value; any array of the shape will do
-    run = _Run(rois, batch_idx, n, p)
-    for j0, j1, t in run.chunks(h, w, n_threads):
-        blocks = not p.channels_last and _use_blocks(run.samples(j0, j1), n, c, h, w,
-                                                     grad_features.itemsize, n_threads, False)
+    # avg mode reads no feature value; any array of the shape will do
+    maps = [g if m is None else m for m, g in zip(maps, grads)]
+    run = _Run(maps, rois, batch_idx, p, _n_threads(p, grad_out.size), level, scales)
+    for j0, j1, t in run.chunks():
+        blocks = run.blocks(j0, j1, False)
         if p.rotated:
             _roi_align_rotated.backward_features(grad_out, batch_idx, *run.where(), j0, j1,
-                                                 run.gh, run.gw, t, grad_features,
-                                                 p.channels_last, blocks, n_threads)
+                                                 run.gh, run.gw, t, grads[0], p.channels_last,
+                                                 bool(blocks[0]), run.n_threads)
         else:
-            _roi_align.backward_features(grad_out, features, batch_idx, *run.where(), j0, j1,
-                                         run.gh, run.gw, t, grad_features,
+            _roi_align.backward_features(grad_out, maps, grads, run.level, batch_idx,
+                                         *run.where(), j0, j1, run.gh, run.gw, t,
                                          _roi_align.MODES[p.mode], p.channels_last, blocks,
-                                         n_threads)
+                                         run.n_threads)
 
 
 def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
+    backward_boxes_levels(grad_out, [features], rois, batch_idx, None, None, grad_rois, p)
+
+
+def backward_boxes_levels(grad_out, maps, rois, batch_idx, level, scales, grad_rois, p):
+    """Add d(sum(grad_out * out)) / d(rois) into ``grad_rois`` (zeroed by the caller)."""
     if grad_out.size == 0:
         return
     n_threads = _n_threads(p, grad_out.size)
-    n, c, h, w = _shape(features, p)
     if p.rotated:
         # computes its samples on the fly (no tables), box by box
+        features = maps[0]
+        n, c, h, w = _shape(features, p)
         gh, gw = grid_sizes(rois, p)
         check_table_sizes(gh, gw, p)
         order, img_start = _group_by_image(batch_idx, n)
         samples = float(np.sum(gh * gw)) * p.pooled_h * p.pooled_w
-        blocks = not p.channels_last and _use_blocks(samples, n, c, h, w, features.itemsize,
+        blocks = not p.channels_last and _use_blocks(samples, c, h, w, n, features.itemsize,
+                                                     n * -(-c // _roi_align.BLOCK_CHANNELS),
                                                      n_threads, False)
         _roi_align_rotated.backward_boxes(grad_out, features, rois, batch_idx, order, img_start,
                                           gh, gw, grad_rois, p.spatial_scale, p.aligned,
                                           p.clockwise, p.channels_last, blocks, n_threads)
         return
-    run = _Run(rois, batch_idx, n, p)
-    for j0, j1, t in run.chunks(h, w, n_threads):
-        blocks = not p.channels_last and _use_blocks(run.samples(j0, j1), n, c, h, w,
-                                                     features.itemsize, n_threads, False)
-        _roi_align.backward_boxes(grad_out, features, rois, batch_idx, *run.where(), j0, j1,
-                                  run.gh, run.gw, t, grad_rois, p.spatial_scale, p.aligned,
-                                  _roi_align.MODES[p.mode], p.channels_last, blocks, n_threads)
+    run = _Run(maps, rois, batch_idx, p, n_threads, level, scales)
+    for j0, j1, t in run.chunks():
+        _roi_align.backward_boxes(grad_out, maps, rois, run.level, run.scales, batch_idx,
+                                  *run.where(), j0, j1, run.gh, run.gw, t, grad_rois, p.aligned,
+                                  _roi_align.MODES[p.mode], p.channels_last,
+                                  run.blocks(j0, j1, False), n_threads)
 
 
-__all__ = ["forward", "backward_features", "backward_boxes", "effective_n_threads",
+__all__ = ["forward", "backward_features", "backward_boxes", "forward_levels",
+           "backward_features_levels", "backward_boxes_levels", "effective_n_threads",
            "openmp_enabled", "grid_sizes", "check_table_sizes"]

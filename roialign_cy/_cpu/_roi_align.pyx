@@ -15,10 +15,15 @@ Loop orders, chosen for memory traffic:
   splits the boxes over threads, the gradients give each thread whole planes, read directly.
 - NHWC: one task per box; every tap is a contiguous run of C channels (vectorised inner loop).
   The feature gradient splits channels into blocks owned by one thread each.
+
+Every entry point takes a list of feature maps (the levels of a feature pyramid) and the level of
+each box: a single map is the one-level case, and a multi-level call visits all levels' boxes in
+one parallel region. Boxes arrive sorted by (level, image); ``key_start[level * N + n]`` is where
+the run of image n of that level starts.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -146,23 +151,61 @@ cdef inline bint inside(const Axes* A, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t 
     return (A.yr[2 * ph] <= iy < A.yr[2 * ph + 1]) and (A.xr[2 * pw] <= ix < A.xr[2 * pw + 1])
 
 
+cdef struct Map:
+    # one level of the feature pyramid: its features, its gradient (feature gradient only), size
+    const char* x
+    char* g
+    Py_ssize_t H, W
+
+
+cdef object collect_maps(list arrays, list grads, bint channels_last, floating* witness):
+    """The Map of each level (``witness`` only selects the dtype), in a buffer the caller keeps
+    alive; empty arrays get NULL data (no box reads them)."""
+    cdef Py_ssize_t l, L = len(arrays)
+    cdef const floating[:, :, :, ::1] x
+    cdef floating[:, :, :, ::1] g
+    buf = np.zeros(max(L, 1) * sizeof(Map), np.uint8)
+    cdef uint8_t[::1] view = buf
+    cdef Map* m = <Map*>&view[0]
+    for l in range(L):
+        x = arrays[l]
+        m[l].x = <const char*>&x[0, 0, 0, 0] if x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] else NULL
+        m[l].g = NULL
+        if grads is not None:
+            g = grads[l]
+            m[l].g = <char*>&g[0, 0, 0, 0] if m[l].x != NULL else NULL
+        if channels_last:
+            m[l].H, m[l].W = x.shape[1], x.shape[2]
+        else:
+            m[l].H, m[l].W = x.shape[2], x.shape[3]
+    return buf
+
+
+cdef inline const Map* maps_of(object buf):
+    cdef uint8_t[::1] view = buf
+    return <const Map*>&view[0]
+
+
 cdef class _Tables:
     """Per-axis sample tables of a run of boxes (positions j0..j1 of the image-sorted order)."""
     cdef object arrays  # owns the buffers the TableSet points into
     cdef TableSet ts
 
 
-def grid_sizes(const floating[:, ::1] rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
-               double scale, Py_ssize_t sampling_ratio, bint aligned):
-    """Samples per bin (gh, gw) of every box, as int64 arrays (saturated at GRID_SATURATE)."""
+def grid_sizes(const floating[:, ::1] rois, const int64_t[::1] level, const double[::1] scales,
+               Py_ssize_t pooled_h, Py_ssize_t pooled_w, Py_ssize_t sampling_ratio, bint aligned):
+    """Samples per bin (gh, gw) of every box (box k at scale scales[level[k]]), as int64 arrays
+    (saturated at GRID_SATURATE)."""
     cdef Py_ssize_t K = rois.shape[0], k
     cdef floating start, bin_size, size
+    cdef double scale
     cdef bint clamped
     gh_arr = np.empty(K, dtype=np.int64)
     gw_arr = np.empty(K, dtype=np.int64)
     cdef int64_t[::1] gh = gh_arr, gw = gw_arr
     with nogil:
         for k in range(K):
+            scale = scales[level[k]]
             size = roi_axis(rois[k, 1], rois[k, 3], scale, aligned, pooled_h, &start, &bin_size, &clamped)
             gh[k] = grid_size(sampling_ratio, size, pooled_h)
             size = roi_axis(rois[k, 0], rois[k, 2], scale, aligned, pooled_w, &start, &bin_size, &clamped)
@@ -196,12 +239,14 @@ cdef void fill_box(floating lo_corner, floating hi_corner, double scale, bint al
 
 
 def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_t j0,
-                Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, Py_ssize_t height,
-                Py_ssize_t width, Py_ssize_t pooled_h, Py_ssize_t pooled_w, double scale,
-                bint aligned, int n_threads):
-    """Fill the per-axis tables of the boxes at sorted positions j0..j1 (in parallel)."""
+                Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw,
+                const int64_t[::1] level, const int64_t[::1] heights, const int64_t[::1] widths,
+                const double[::1] scales, Py_ssize_t pooled_h, Py_ssize_t pooled_w, bint aligned,
+                int n_threads):
+    """Fill the per-axis tables of the boxes at sorted positions j0..j1 (in parallel); box k lies
+    on level level[k], of heights[l] x widths[l] pixels at scale scales[l]."""
     dtype = np.float32 if floating is float else np.float64
-    cdef Py_ssize_t n = j1 - j0, j, k
+    cdef Py_ssize_t n = j1 - j0, j, k, l
     yoff_arr = np.zeros(n + 1, dtype=np.intp)
     xoff_arr = np.zeros(n + 1, dtype=np.intp)
     sel = np.asarray(order[j0:j1])
@@ -219,12 +264,13 @@ def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_
     cdef Py_ssize_t[::1] yoff = yoff_arr, xoff = xoff_arr
     for j in prange(n, nogil=True, schedule="static", num_threads=n_threads):
         k = order[j0 + j]
-        fill_box(rois[k, 1], rois[k, 3], scale, aligned, pooled_h, gh[k], height, &ylo_v[yoff[j]],
-                 &yhi_v[yoff[j]], &wy0_v[yoff[j]], &wy1_v[yoff[j]], &sy_v[yoff[j]],
-                 &yr_v[2 * pooled_h * j])
-        fill_box(rois[k, 0], rois[k, 2], scale, aligned, pooled_w, gw[k], width, &xlo_v[xoff[j]],
-                 &xhi_v[xoff[j]], &wx0_v[xoff[j]], &wx1_v[xoff[j]], &sx_v[xoff[j]],
-                 &xr_v[2 * pooled_w * j])
+        l = level[k]
+        fill_box(rois[k, 1], rois[k, 3], scales[l], aligned, pooled_h, gh[k], heights[l],
+                 &ylo_v[yoff[j]], &yhi_v[yoff[j]], &wy0_v[yoff[j]], &wy1_v[yoff[j]],
+                 &sy_v[yoff[j]], &yr_v[2 * pooled_h * j])
+        fill_box(rois[k, 0], rois[k, 2], scales[l], aligned, pooled_w, gw[k], widths[l],
+                 &xlo_v[xoff[j]], &xhi_v[xoff[j]], &wx0_v[xoff[j]], &wx1_v[xoff[j]],
+                 &sx_v[xoff[j]], &xr_v[2 * pooled_w * j])
     t = _Tables()
     t.arrays = (ylo, yhi, xlo, xhi, yr, xr, wy0, wy1, sy, wx0, wx1, sx, yoff_arr, xoff_arr)
     t.ts.ylo, t.ts.yhi, t.ts.yr = &ylo_v[0], &yhi_v[0], &yr_v[0]
@@ -404,69 +450,88 @@ cdef inline void pool_box_planes(const floating* plane, Py_ssize_t plane_stride,
             pool_plane(plane + cc * plane_stride, W, o + cc * PH * PW, PH, PW, A, mode)
 
 
-def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
-            const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
+def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
+            const int64_t[::1] order, const int64_t[::1] key_start, Py_ssize_t j0, Py_ssize_t j1,
             const int64_t[::1] gh, const int64_t[::1] gw, _Tables t, floating[:, :, :, ::1] out,
-            int mode, bint channels_last, bint interleave, int n_threads):
-    """Pool the boxes at sorted positions j0..j1 (tables ``t``) into ``out``. ``interleave``
-    (NCHW) pools from channels-last copies of blocks of planes: worth it when the boxes take
-    several samples per feature pixel, otherwise the boxes are split over the threads."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, j, k, lo, hi, task
-    cdef const floating* X = &features[0, 0, 0, 0]
+            int mode, bint channels_last, const uint8_t[::1] blocks, int n_threads):
+    """Pool the boxes at sorted positions j0..j1 (tables ``t``) into ``out``. NCHW levels with
+    ``blocks[l]`` pool from channels-last copies of blocks of planes (worth it when the boxes take
+    several samples per feature pixel); when no level does, the boxes are split over the
+    threads."""
+    cdef Py_ssize_t L = len(maps), N, C, H, W, PH, PW, n, c, j, k, lo, hi
+    cdef Py_ssize_t task, l, nb, cc, i, nblocks, scratch_px = 0
     cdef floating* O = &out[0, 0, 0, 0]
     cdef const TableSet* T = &t.ts
     cdef Axes A
+    cdef const floating* X
+    keep = collect_maps(maps, None, channels_last, <floating*>NULL)
+    cdef const Map* M = maps_of(keep)
+    N = (<object>maps[0]).shape[0]
     if channels_last:
-        N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
-        PH, PW = out.shape[1], out.shape[2]
+        C, PH, PW = out.shape[3], out.shape[1], out.shape[2]
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
             k = order[j]
+            l = level[k]
             A = axes_at(T, j - j0, gh[k], gw[k])
-            pool_box_nhwc(X + batch_idx[k] * H * W * C, W, C, O + k * PH * PW * C, PH, PW, &A,
-                          mode)
+            pool_box_nhwc(<const floating*>M[l].x + batch_idx[k] * M[l].H * M[l].W * C, M[l].W,
+                          C, O + k * PH * PW * C, PH, PW, &A, mode)
         return
-    N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
-    PH, PW = out.shape[2], out.shape[3]
-    cdef Py_ssize_t blocks = (C + PLANE_BLOCK - 1) // PLANE_BLOCK, nb
+    C, PH, PW = out.shape[1], out.shape[2], out.shape[3]
+    for l in range(L):
+        if blocks[l] and M[l].H * M[l].W > scratch_px:
+            scratch_px = M[l].H * M[l].W
     cdef floating* scratch
+    cdef floating* obuf
     cdef int alloc_failed[1]
     cdef BlockTask bt
-    cdef floating* obuf
-    if interleave:
-        # one task per (image, block of LANES channels): interleave the block into a
-        # channels-last scratch once, then pool all the image's boxes from it with vector code
-        blocks = (C + LANES - 1) // LANES
-        alloc_failed[0] = 0
-        with nogil, parallel(num_threads=n_threads):
-            scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
-            obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
-            for task in prange(N * blocks, schedule="dynamic"):
-                if scratch == NULL or obuf == NULL:
-                    alloc_failed[0] = 1  # reported after the parallel region
-                    continue
-                bt = block_task(task, blocks, C, &img_start[0], j0, j1)
-                n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
-                interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-                for j in range(lo, hi):
-                    k = order[j]
-                    A = axes_at(T, j - j0, gh[k], gw[k])
-                    pool_box_nhwc(scratch, W, LANES, obuf, PH, PW, &A, mode)
-                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
-            free(scratch)
-            free(obuf)
-        if alloc_failed[0]:
-            raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
-                              "of per-thread scratch")
-    else:
-        # too few planes to keep the threads busy: split the boxes instead
+    if scratch_px == 0:
+        # no level pays for the channels-last copy: split the boxes over the threads
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
             k = order[j]
+            l = level[k]
             A = axes_at(T, j - j0, gh[k], gw[k])
-            for nb in range(blocks):
-                c = nb * PLANE_BLOCK
-                pool_box_planes(X + (batch_idx[k] * C + c) * H * W, H * W,
-                                C - c if C - c < PLANE_BLOCK else PLANE_BLOCK, W,
+            X = <const floating*>M[l].x
+            for cc in range((C + PLANE_BLOCK - 1) // PLANE_BLOCK):
+                c = cc * PLANE_BLOCK
+                pool_box_planes(X + (batch_idx[k] * C + c) * M[l].H * M[l].W, M[l].H * M[l].W,
+                                C - c if C - c < PLANE_BLOCK else PLANE_BLOCK, M[l].W,
                                 O + (k * C + c) * PH * PW, PH, PW, &A, mode)
+        return
+    # one task per (level, image, block of LANES channels): levels with blocks interleave the
+    # block into a channels-last scratch once and pool all its boxes from it with vector code;
+    # the others pool straight from the planes
+    nblocks = (C + LANES - 1) // LANES
+    alloc_failed[0] = 0
+    with nogil, parallel(num_threads=n_threads):
+        scratch = <floating*>malloc(scratch_px * LANES * sizeof(floating))
+        obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        for task in prange(L * N * nblocks, schedule="dynamic"):
+            if scratch == NULL or obuf == NULL:
+                alloc_failed[0] = 1  # reported after the parallel region
+                continue
+            bt = block_task(task, nblocks, C, &key_start[0], j0, j1)
+            l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
+            H, W = M[l].H, M[l].W
+            X = <const floating*>M[l].x + (n * C + c) * H * W
+            if lo < hi and blocks[l]:
+                interleave_planes(X, H * W, nb, scratch)
+            for j in range(lo, hi):
+                k = order[j]
+                A = axes_at(T, j - j0, gh[k], gw[k])
+                if blocks[l]:
+                    pool_box_nhwc(scratch, W, LANES, obuf, PH, PW, &A, mode)
+                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
+                    continue
+                for i in range((nb + PLANE_BLOCK - 1) // PLANE_BLOCK):
+                    cc = i * PLANE_BLOCK
+                    pool_box_planes(X + cc * H * W, H * W,
+                                    nb - cc if nb - cc < PLANE_BLOCK else PLANE_BLOCK, W,
+                                    O + (k * C + c + cc) * PH * PW, PH, PW, &A, mode)
+        free(scratch)
+        free(obuf)
+    if alloc_failed[0]:
+        raise MemoryError(f"cannot allocate {scratch_px * LANES * sizeof(floating)} bytes "
+                          "of per-thread scratch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,81 +594,88 @@ cdef void scatter_box_nhwc(floating* gimage, const floating* image, Py_ssize_t W
                     gimage[(A.yhi[a] * W + A.xhi[b]) * C + c] += gb[c] * wy1[a] * wx1[b]
 
 
-def backward_features(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] features,
-                      const int64_t[::1] batch_idx, const int64_t[::1] order,
-                      const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
-                      const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
-                      floating[:, :, :, ::1] grad_features, int mode, bint channels_last,
-                      bint interleave, int n_threads):
-    """Add the feature gradient of the boxes at sorted positions j0..j1. Every gradient element
-    is owned by one thread and receives its terms in the fixed sorted-box order. NCHW:
-    ``interleave`` accumulates blocks of LANES planes in channels-last scratch; otherwise each
-    task scatters straight into one plane (no scratch: few samples, few channels or huge
-    planes)."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, c0, j, k, lo, hi, task
+def backward_features(const floating[:, :, :, ::1] grad_out, list maps, list grads,
+                      const int64_t[::1] level, const int64_t[::1] batch_idx,
+                      const int64_t[::1] order, const int64_t[::1] key_start, Py_ssize_t j0,
+                      Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
+                      int mode, bint channels_last, const uint8_t[::1] blocks, int n_threads):
+    """Add the feature gradient of the boxes at sorted positions j0..j1 into ``grads`` (one per
+    level, shaped like ``maps``). Every gradient element is owned by one thread and receives its
+    terms in the fixed sorted-box order. NCHW: one task per (level, image, block of LANES planes),
+    accumulated in channels-last scratch for levels with ``blocks[l]``, else scattered straight
+    into the planes (no scratch: few samples, few channels or huge planes)."""
+    cdef Py_ssize_t L = len(maps), N, C, H, W, PH, PW, n, c, c0, j, k, lo, hi, task, l, nb, cc
+    cdef Py_ssize_t nblocks, scratch_px = 0
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
-    cdef const floating* X = &features[0, 0, 0, 0]
-    cdef floating* G = &grad_features[0, 0, 0, 0]
     cdef const TableSet* T = &t.ts
     cdef Axes A
+    cdef const floating* X
+    cdef floating* G
+    keep = collect_maps(maps, grads, channels_last, <floating*>NULL)
+    cdef const Map* M = maps_of(keep)
+    N = (<object>maps[0]).shape[0]
     if channels_last:
-        N, H, W, C = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
-        PH, PW = grad_out.shape[1], grad_out.shape[2]
+        C, PH, PW = grad_out.shape[3], grad_out.shape[1], grad_out.shape[2]
         for task in prange((C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK, nogil=True,
                            schedule="static", num_threads=n_threads):
             c0 = task * CHANNEL_BLOCK
             for j in range(j0, j1):
                 k = order[j]
-                n = batch_idx[k]
+                l = level[k]
+                lo = batch_idx[k] * M[l].H * M[l].W * C + c0  # the box's image, channel c0
                 A = axes_at(T, j - j0, gh[k], gw[k])
-                scatter_box_nhwc(G + n * H * W * C + c0, X + n * H * W * C + c0, W, C,
+                scatter_box_nhwc(<floating*>M[l].g + lo, <const floating*>M[l].x + lo, M[l].W, C,
                                  C - c0 if C - c0 < CHANNEL_BLOCK else CHANNEL_BLOCK,
                                  GO + k * PH * PW * C + c0, PH, PW, &A, mode)
         return
-    N, C, H, W = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
-    PH, PW = grad_out.shape[2], grad_out.shape[3]
-    cdef Py_ssize_t blocks = (C + LANES - 1) // LANES, nb
+    C, PH, PW = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
+    for l in range(L):
+        if blocks[l] and M[l].H * M[l].W > scratch_px:
+            scratch_px = M[l].H * M[l].W
+    nblocks = (C + LANES - 1) // LANES
     cdef floating* gscratch
     cdef floating* fscratch
+    cdef floating* gbuf
     cdef int alloc_failed[1]
     cdef BlockTask bt
-    cdef floating* gbuf
-    if not interleave:
-        for task in prange(N * C, nogil=True, schedule="dynamic", num_threads=n_threads):
-            bt = block_task(task, C, C, &img_start[0], j0, j1, 1)
-            for j in range(bt.lo, bt.hi):
-                k = order[j]
-                A = axes_at(T, j - j0, gh[k], gw[k])
-                scatter_box_nhwc(G + (bt.n * C + bt.c) * H * W, X + (bt.n * C + bt.c) * H * W, W,
-                                 1, 1, GO + (k * C + bt.c) * PH * PW, PH, PW, &A, mode)
-        return
-    # one task per (image, block of LANES channels), accumulated in channels-last scratch (vector
-    # code, as in the forward) and added back to the planes the task owns
     alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
-        gscratch = <floating*>malloc(H * W * LANES * sizeof(floating))
-        fscratch = <floating*>malloc((H * W * LANES if mode != MODE_AVG else 1) * sizeof(floating))
+        gscratch = <floating*>malloc((scratch_px * LANES + 1) * sizeof(floating))
+        fscratch = <floating*>malloc(((scratch_px * LANES if mode != MODE_AVG else 0) + 1) * sizeof(floating))
         gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
-        for task in prange(N * blocks, schedule="dynamic"):
+        for task in prange(L * N * nblocks, schedule="dynamic"):
             if gscratch == NULL or fscratch == NULL or gbuf == NULL:
                 alloc_failed[0] = 1  # reported after the parallel region
                 continue
-            bt = block_task(task, blocks, C, &img_start[0], j0, j1)
-            n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
+            bt = block_task(task, nblocks, C, &key_start[0], j0, j1)
+            l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
+            if lo >= hi:
+                continue
+            H, W = M[l].H, M[l].W
+            X = <const floating*>M[l].x + (n * C + c) * H * W
+            G = <floating*>M[l].g + (n * C + c) * H * W
+            if not blocks[l]:
+                for j in range(lo, hi):
+                    k = order[j]
+                    A = axes_at(T, j - j0, gh[k], gw[k])
+                    for cc in range(nb):
+                        scatter_box_nhwc(G + cc * H * W, X + cc * H * W, W, 1, 1,
+                                         GO + (k * C + c + cc) * PH * PW, PH, PW, &A, mode)
+                continue
             memset(gscratch, 0, H * W * LANES * sizeof(floating))
             if mode != MODE_AVG:
-                interleave_planes(X + (n * C + c) * H * W, H * W, nb, fscratch)
+                interleave_planes(X, H * W, nb, fscratch)
             for j in range(lo, hi):
                 k = order[j]
                 A = axes_at(T, j - j0, gh[k], gw[k])
                 interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                 scatter_box_nhwc(gscratch, fscratch, W, LANES, LANES, gbuf, PH, PW, &A, mode)
-            add_deinterleaved(gscratch, H * W, nb, G + (n * C + c) * H * W)
+            add_deinterleaved(gscratch, H * W, nb, G)
         free(gscratch)
         free(fscratch)
         free(gbuf)
     if alloc_failed[0]:
-        raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+        raise MemoryError(f"cannot allocate {scratch_px * LANES * sizeof(floating)} bytes "
                           "of per-thread scratch")
 
 
@@ -746,79 +818,89 @@ cdef void box_grad_nhwc(const floating[:, ::1] rois, floating[:, ::1] grad_rois,
     finish_box_grad(rois, grad_rois, k, acc, PH, PW, scale, aligned)
 
 
-def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] features,
-                   const floating[:, ::1] rois, const int64_t[::1] batch_idx,
-                   const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
-                   Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
-                   floating[:, ::1] grad_rois, double scale, bint aligned, int mode,
-                   bint channels_last, bint interleave, int n_threads):
+def backward_boxes(const floating[:, :, :, ::1] grad_out, list maps, const floating[:, ::1] rois,
+                   const int64_t[::1] level, const double[::1] scales,
+                   const int64_t[::1] batch_idx, const int64_t[::1] order,
+                   const int64_t[::1] key_start, Py_ssize_t j0, Py_ssize_t j1,
+                   const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
+                   floating[:, ::1] grad_rois, bint aligned, int mode, bint channels_last,
+                   const uint8_t[::1] blocks, int n_threads):
     """Add d(sum(grad_out * out)) / d(x1, y1, x2, y2) of the boxes at sorted positions j0..j1.
-    NHWC: one thread per box. NCHW: one task per (image, block of LANES planes), read from
-    channels-last scratch (``interleave``) or straight from the planes, each writing its own
+    NHWC: one thread per box. NCHW: one task per (level, image, block of LANES planes), read from
+    channels-last scratch (``blocks[l]``) or straight from the planes, each writing its own
     partial sums per box, then added up per box in block order. Either way the result does not
     depend on the thread count."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, q, n, c, nb, cc, lo, hi, task, blocks, i
+    cdef Py_ssize_t L = len(maps), N, C, H, W, PH, PW, j, k, q, n, c, nb, cc, lo, hi, task, l, i
+    cdef Py_ssize_t nblocks, scratch_px = 0
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
-    cdef const floating* X = &features[0, 0, 0, 0]
     cdef const TableSet* T = &t.ts
     cdef Axes A
+    cdef const floating* X
+    cdef double* acc
+    keep = collect_maps(maps, None, channels_last, <floating*>NULL)
+    cdef const Map* M = maps_of(keep)
+    N = (<object>maps[0]).shape[0]
+    if channels_last:
+        C, PH, PW = grad_out.shape[3], grad_out.shape[1], grad_out.shape[2]
+        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
+            k = order[j]
+            l = level[k]
+            A = axes_at(T, j - j0, gh[k], gw[k])
+            box_grad_nhwc(rois, grad_rois, k, <const floating*>M[l].x + batch_idx[k] * M[l].H * M[l].W * C,
+                          C, M[l].W, GO + k * PH * PW * C, PH, PW, &A, scales[l], aligned, mode)
+        return
+    C, PH, PW = grad_out.shape[1], grad_out.shape[2], grad_out.shape[3]
+    for l in range(L):
+        if blocks[l] and M[l].H * M[l].W > scratch_px:
+            scratch_px = M[l].H * M[l].W
+    nblocks = (C + LANES - 1) // LANES
+    cdef double[::1] partial = np.zeros((j1 - j0) * nblocks * 4 + 1)
     cdef floating* scratch
     cdef floating* gbuf
     cdef int alloc_failed[1]
     cdef BlockTask bt
-    cdef double[::1] partial
-    if channels_last:
-        N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
-        PH, PW = grad_out.shape[1], grad_out.shape[2]
-        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
-            k = order[j]
-            A = axes_at(T, j - j0, gh[k], gw[k])
-            box_grad_nhwc(rois, grad_rois, k, X + batch_idx[k] * H * W * C, C, W,
-                          GO + k * PH * PW * C, PH, PW, &A, scale, aligned, mode)
-        return
-    N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
-    PH, PW = grad_out.shape[2], grad_out.shape[3]
-    blocks = (C + LANES - 1) // LANES
-    partial = np.zeros((j1 - j0) * blocks * 4 + 1)
     alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
-        scratch = <floating*>malloc((H * W * LANES if interleave else 1) * sizeof(floating))
+        scratch = <floating*>malloc((scratch_px * LANES + 1) * sizeof(floating))
         gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
-        for task in prange(N * blocks, schedule="dynamic"):
+        for task in prange(L * N * nblocks, schedule="dynamic"):
             if scratch == NULL or gbuf == NULL:
                 alloc_failed[0] = 1  # reported after the parallel region
                 continue
-            bt = block_task(task, blocks, C, &img_start[0], j0, j1)
-            n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
-            if interleave:
-                interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+            bt = block_task(task, nblocks, C, &key_start[0], j0, j1)
+            l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
+            if lo >= hi:
+                continue
+            H, W = M[l].H, M[l].W
+            X = <const floating*>M[l].x + (n * C + c) * H * W
+            if blocks[l]:
+                interleave_planes(X, H * W, nb, scratch)
             for j in range(lo, hi):
                 k = order[j]
                 q = j - j0
                 A = axes_at(T, q, gh[k], gw[k])
-                if mode == MODE_AVG and interleave:
+                acc = &partial[(q * nblocks + task % nblocks) * 4]
+                if mode == MODE_AVG and blocks[l]:
                     interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
-                    box_grad_lanes(scratch, W, gbuf, PH, PW, &A,
-                                   &partial[(q * blocks + task % blocks) * 4])
+                    box_grad_lanes(scratch, W, gbuf, PH, PW, &A, acc)
                     continue
                 for cc in range(nb):
-                    if interleave:
+                    if blocks[l]:
                         box_grad_channel(scratch + cc, LANES, W, GO + (k * C + c + cc) * PH * PW,
-                                         1, PH, PW, &A, mode,
-                                         &partial[(q * blocks + task % blocks) * 4])
+                                         1, PH, PW, &A, mode, acc)
                     else:
-                        box_grad_channel(X + (n * C + c + cc) * H * W, 1, W,
-                                         GO + (k * C + c + cc) * PH * PW, 1, PH, PW, &A, mode,
-                                         &partial[(q * blocks + task % blocks) * 4])
+                        box_grad_channel(X + cc * H * W, 1, W, GO + (k * C + c + cc) * PH * PW, 1,
+                                         PH, PW, &A, mode, acc)
         free(scratch)
         free(gbuf)
     if alloc_failed[0]:
-        raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
+        raise MemoryError(f"cannot allocate {scratch_px * LANES * sizeof(floating)} bytes "
                           "of per-thread scratch")
     for j in prange(j0, j1, nogil=True, schedule="static", num_threads=n_threads):
         q = j - j0
-        for i in range(1, blocks):
+        for i in range(1, nblocks):
             for cc in range(4):
-                partial[q * blocks * 4 + cc] += partial[(q * blocks + i) * 4 + cc]
-        finish_box_grad(rois, grad_rois, order[j], &partial[q * blocks * 4], PH, PW, scale,
+                partial[q * nblocks * 4 + cc] += partial[(q * nblocks + i) * 4 + cc]
+        k = order[j]
+        finish_box_grad(rois, grad_rois, k, &partial[q * nblocks * 4], PH, PW, scales[level[k]],
                         aligned)
