@@ -104,8 +104,8 @@ template <bool NHWC> __device__ __forceinline__ Index4 split_index(i64 i, int C,
 // One axis of a bilinear sample (docs/conventions.md 1.6): coordinate c on an axis of `size` pixels. Sets the two
 // taps and their weights, and `slope` = d(w_hi)/dc, 0 where the coordinate is clamped (at or below
 // 0, at or beyond size - 1). Outside [-1, size] (NaN included) the sample is invalid: weights 0,
-// taps at pixel 0 so that callers may read them unconditionally. Same rules as the CPU kernels'
-// bilinear_axis.
+// taps at pixel 0, which callers must not read: 0 * NaN is NaN, so a NaN at pixel 0 would reach
+// every box outside the image. Same rules as the CPU kernels' bilinear_axis.
 template <typename A> struct Axis {
     int lo, hi;
     A w_lo, w_hi, slope;
@@ -160,7 +160,7 @@ template <typename A> __device__ __forceinline__ Sample<A> bilinear_sample(A y, 
     return s;
 }
 
-// The four tap values of a sample on a plane (pixel 0 for invalid samples, whose weights are 0).
+// The four tap values of a valid sample on a plane.
 template <typename A> struct Taps {
     A v00, v01, v10, v11;
 };
@@ -181,15 +181,23 @@ template <typename A> __device__ __forceinline__ A bilerp(const Sample<A>& s, co
            s.ay.w_hi * (s.ax.w_lo * v.v10 + s.ax.w_hi * v.v11);
 }
 
-// onnxruntime's max mode (docs/conventions.md 3): the largest weighted tap, not the sum of the taps.
+// Max pooling's update rule (docs/conventions.md 3, numpy.max's): v replaces best when it is the
+// first sample, larger, or a NaN replacing a number; so the first of equal maxima, and the first
+// NaN, stay. The CPU kernels' takes_max.
+template <typename A> __device__ __forceinline__ bool takes_max(A v, A best, bool first) {
+    return first || v > best || (v != v && best == best);
+}
+
+// onnxruntime's max mode (docs/conventions.md 3): the largest weighted tap, not the sum of the
+// taps; a NaN tap propagates, as in mode "max".
 template <typename A> __device__ __forceinline__ A tap_max(const Sample<A>& s, const Taps<A>& v) {
     A m = s.ay.w_lo * s.ax.w_lo * v.v00;
     A t = s.ay.w_lo * s.ax.w_hi * v.v01;
-    if (t > m) m = t;
+    if (takes_max(t, m, false)) m = t;
     t = s.ay.w_hi * s.ax.w_lo * v.v10;
-    if (t > m) m = t;
+    if (takes_max(t, m, false)) m = t;
     t = s.ay.w_hi * s.ax.w_hi * v.v11;
-    if (t > m) m = t;
+    if (takes_max(t, m, false)) m = t;
     return m;
 }
 

@@ -25,7 +25,7 @@
 namespace rac {
 
 // Pool bin (ph, pw) of one channel (docs/conventions.md 1.7 and 3). For the max modes `arg` receives the winning
-// sample iy * gw + ix (the first one on ties, like the CPU kernels), -1 for an empty grid.
+// sample iy * gw + ix (the first one on ties, the first NaN, like the CPU kernels), -1 for an empty grid.
 template <int MODE, typename Geom, typename T>
 __device__ __forceinline__ typename Geom::A pool_bin(const Geom& g, const Plane<const T>& f, int H, int W, int ph,
                                                      int pw, int& arg) {
@@ -37,15 +37,17 @@ __device__ __forceinline__ typename Geom::A pool_bin(const Geom& g, const Plane<
             A y, x;
             g.point(ph, pw, iy, ix, y, x);
             const Sample<A> s = bilinear_sample(y, x, H, W);
-            const Taps<A> v = read_taps(f, s);
+            // a sample outside the image is 0 and reads nothing (docs/conventions.md 1.6)
+            A val = A(0);
+            if (s.valid()) {
+                const Taps<A> v = read_taps(f, s);
+                val = MODE == MODE_ONNX_MAX ? tap_max(s, v) : bilerp(s, v);
+            }
             if (MODE == MODE_AVG) {
-                acc += bilerp(s, v);
-            } else {
-                const A val = MODE == MODE_MAX ? bilerp(s, v) : tap_max(s, v);
-                if (arg < 0 || val > acc) {
-                    acc = val;
-                    arg = iy * g.gw + ix;
-                }
+                acc += val;
+            } else if (takes_max(val, acc, arg < 0)) {
+                acc = val;
+                arg = iy * g.gw + ix;
             }
         }
     }

@@ -25,8 +25,9 @@ import types
 import numpy as np
 import pytest
 
-from conftest import edge_case_boxes, random_boxes, random_rotated_boxes, to_nhwc
+from conftest import edge_case_boxes, random_boxes, random_rotated_boxes, to_nchw, to_nhwc
 from cuda_host import emulator
+from test_hostile import EDGE_PIXELS, OUTSIDE_BOXES
 
 import roialign_cy
 from roialign_cy import _cpu, _cuda
@@ -46,7 +47,11 @@ def cpu_dtype(dtype):
 
 
 def assert_close(got, want, dtype, what):
+    """NaN exactly where the CPU has NaN (docs/conventions.md 1.6 and 3), elsewhere within TOL."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan), f"{what}: NaN at {np.argwhere(np.isnan(got) != nan)[:4].tolist()}"
+    got, want = got[~nan], want[~nan]
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
     err = float(np.abs(got - want).max(initial=0.0))
     assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
@@ -317,9 +322,9 @@ def rotated_problem(rng, shape, dtype, layout, pooled=(3, 2)):
     return _problem(rng, shape, random_rotated_boxes(rng, 8, N, H, W), dtype, layout, pooled)
 
 
-def _problem(rng, shape, boxes, dtype, layout, pooled):
+def _problem(rng, shape, boxes, dtype, layout, pooled, x=None):
     K = len(boxes)
-    x = rng.standard_normal(shape)
+    x = rng.standard_normal(shape) if x is None else x
     g = rng.standard_normal((K, shape[1], *pooled))
     if layout == "NHWC":
         x, g = to_nhwc(x), to_nhwc(g)
@@ -459,6 +464,106 @@ def test_emulated_deterministic_gradients_ignore_scheduling(emu_lib, rng, monkey
     assert gradients(3) == first
 
 
+# NaN (issue #10 items 3 and 4; the cases of test_hostile.py sections 3 and 4): a sample outside
+# the image is 0 and reads no pixel (docs/conventions.md 1.6), and max pooling propagates NaN
+# (section 3). "rotated" is the rotated operator (average mode).
+
+NAN_OPS = (*MODES, "rotated")
+# rotated boxes wholly outside an 8 x 8 map: beyond the bottom-right, the top-left, the top, the left
+ROTATED_OUTSIDE_BOXES = np.array([[0, 25, 25, 4, 4, 30.0], [0, -20, -20, 6, 3, -60.0],
+                                  [0, 4, -20, 3, 3, 45.0], [0, -20, 4, 3, 3, 10.0]])
+
+
+def nan_params(op, layout, deterministic, pooled, sampling_ratio, aligned):
+    rotated = op == "rotated"
+    return OpParams(*pooled, 1.0, sampling_ratio, aligned, "avg" if rotated else op,
+                    channels_last=layout == "NHWC", rotated=rotated, deterministic=deterministic)
+
+
+def deterministic_flags(op):
+    return (True, False) if op in (*GRADIENT_MODES, "rotated") else (True,)
+
+
+def nan_features(shape, pixels, fill=None):
+    """NCHW features (ones, or `fill`) with NaN at (y, x) of every plane for each pixel."""
+    x = np.ones(shape) if fill is None else fill
+    for y, x_ in pixels:
+        x[:, :, y, x_] = np.nan
+    return x
+
+
+def max_nan_problem(where):
+    """(NaN pixel, features, box): one bin of 2 x 2 samples (aligned, sampling_ratio 2) over a
+    4 x 4 map whose NaN pixel is read by the bin's first or last sample only."""
+    corner = 0 if where == "first" else 3
+    x = nan_features((1, 1, 4, 4), [(corner, corner)], np.arange(16.0).reshape(1, 1, 4, 4))
+    box = [0, -1.0, -1.0, 7.0, 7.0] if where == "first" else [0, 0.0, 0.0, 4.0, 4.0]
+    return (corner, corner), x, np.array([box])
+
+
+def random_nan_problem(rng, op):
+    """(features, boxes) on a (2, 3, 13, 11) map of random numbers with a few NaNs, at corners
+    and edges (read only by samples near them) and inside; the axis-aligned boxes include the
+    edge cases and a box straddling the left edge."""
+    shape = N, C, H, W = (2, 3, 13, 11)
+    x = nan_features(shape, [(0, 0), (0, 5), (H - 1, W - 1)], rng.standard_normal(shape))
+    x[1, 2, 6, 4] = x[0, 1, 9, 0] = np.nan
+    if op == "rotated":
+        return x, random_rotated_boxes(rng, 10, N, H, W)
+    return x, np.concatenate([edge_case_boxes(rng, N, H, W), random_boxes(rng, 6, N, H, W),
+                              [[0, -6.0, 2.0, 0.5, 6.0]]])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", NAN_OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_nan_pixel_does_not_leak_into_boxes_outside_the_image(emu, rng, dtype, op, layout):
+    boxes = ROTATED_OUTSIDE_BOXES if op == "rotated" else OUTSIDE_BOXES
+    for pixel in EDGE_PIXELS:
+        kernel, _ = _problem(rng, (1, 2, 8, 8), boxes, dtype, layout, (3, 3), nan_features((1, 2, 8, 8), [pixel]))
+        for deterministic in deterministic_flags(op):
+            p = nan_params(op, layout, deterministic, (3, 3), 2, False)
+            for what, result in zip(("forward", "grad_features", "grad_boxes"), run_all(emu.ops, kernel, p, dtype)):
+                assert result is None or (result == 0).all(), (pixel, deterministic, what)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_box_straddling_the_edge_reads_only_inside_samples(emu, rng, mode):
+    # bin 0's samples lie left of x = -1 and read nothing; bin 1's inside ones read column 0 (NaN)
+    x = nan_features((1, 1, 8, 8), [(y, 0) for y in range(8)])
+    for dtype in DTYPES:
+        kernel, cpu = _problem(rng, x.shape, np.array([[0, -6.0, 2.0, 0.5, 6.0]]), dtype, "NCHW", (1, 2), x)
+        p = OpParams(1, 2, 1.0, 2, True, mode)
+        out = run_all(emu.ops, kernel, p, dtype)[0]
+        assert out[0, 0, 0, 0] == 0 and np.isnan(out[0, 0, 0, 1]), dtype
+        compare_with_cpu(emu.ops, kernel, cpu, p, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_max_mode_propagates_nan_wherever_it_is_sampled(emu, rng, dtype, where, layout):
+    pixel, x, box = max_nan_problem(where)
+    kernel, cpu = _problem(rng, x.shape, box, dtype, layout, (1, 1), x)
+    for deterministic in (True, False):
+        p = OpParams(1, 1, 1.0, 2, True, "max", channels_last=layout == "NHWC", deterministic=deterministic)
+        out, grad_x, _ = run_all(emu.ops, kernel, p, dtype)
+        assert np.isnan(out).all()
+        # the gradient goes to the taps of the sample that read the NaN (the arg-max)
+        assert (to_nchw(grad_x) if layout == "NHWC" else grad_x)[(0, 0, *pixel)] != 0
+        compare_with_cpu(emu.ops, kernel, cpu, p, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", NAN_OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_nan_features_match_cpu(emu, rng, dtype, op, layout):
+    x, boxes = random_nan_problem(rng, op)
+    kernel, cpu = _problem(rng, x.shape, boxes, dtype, layout, (3, 2), x)
+    for deterministic in deterministic_flags(op):
+        compare_with_cpu(emu.ops, kernel, cpu, nan_params(op, layout, deterministic, (3, 2), -1, True), dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. on a GPU: cupy arrays through the public API against numpy arrays
 
@@ -542,6 +647,73 @@ def test_gpu_roi_align_rotated_matches_cpu(cp, rng, shape, scale, sampling_ratio
                                                               deterministic=deterministic, **kw)
         assert_close(cp.asnumpy(got_x), want_x, dtype, f"grad_features deterministic={deterministic}")
         assert_close(cp.asnumpy(got_b), want_b, dtype, "grad_boxes")
+
+
+def gpu_vs_cpu(cp, op, x, boxes, g, dtype, layout, **kw):
+    """[(what, gpu result, cpu result)] of the public operator `op` (a mode, or "rotated") on the
+    same values: the forward and, where `op` has them, both gradients (deterministic and atomic)."""
+    if layout == "NHWC":
+        x, g = to_nhwc(x), to_nhwc(g)
+    gpu, cpu = gpu_vs_cpu_inputs(cp, x, boxes, g, dtype)
+    if op == "rotated":
+        forward, backward = roialign_cy.roi_align_rotated, roialign_cy.roi_align_rotated_backward
+    else:
+        forward, backward = roialign_cy.roi_align, roialign_cy.roi_align_backward
+        kw["mode"] = op
+    kw.update(layout=layout, allow_inverted=True)
+    results = [("forward", cp.asnumpy(forward(gpu[0], gpu[1], **kw)), forward(cpu[0], cpu[1], **kw))]
+    if op == "onnx_max":
+        return results
+    want = backward(cpu[2], cpu[0], cpu[1], wrt="both", **kw)
+    for deterministic in (True, False):
+        got = backward(gpu[2], gpu[0], gpu[1], wrt="both", deterministic=deterministic, **kw)
+        results += [(f"{what} deterministic={deterministic}", cp.asnumpy(a), b)
+                    for what, a, b in zip(("grad_features", "grad_boxes"), got, want)]
+    return results
+
+
+# NaN: the emulated cases above (issue #10 items 3 and 4), on the device
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", NAN_OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_nan_pixel_does_not_leak_into_boxes_outside_the_image(cp, rng, dtype, op, layout):
+    boxes = ROTATED_OUTSIDE_BOXES if op == "rotated" else OUTSIDE_BOXES
+    g = rng.standard_normal((len(boxes), 2, 3, 3))
+    for pixel in EDGE_PIXELS:
+        x = nan_features((1, 2, 8, 8), [pixel])
+        for what, got, want in gpu_vs_cpu(cp, op, x, boxes, g, dtype, layout, output_size=3, sampling_ratio=2,
+                                          aligned=False):
+            assert (got == 0).all() and (want == 0).all(), (pixel, what)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_max_mode_propagates_nan_wherever_it_is_sampled(cp, rng, dtype, where, layout):
+    pixel, x, box = max_nan_problem(where)
+    for what, got, want in gpu_vs_cpu(cp, "max", x, box, np.ones((1, 1, 1, 1)), dtype, layout, output_size=1,
+                                      sampling_ratio=2, aligned=True):
+        assert_close(got, want, dtype, what)
+        if what == "forward":
+            assert np.isnan(got).all()
+        elif what.startswith("grad_features"):
+            assert (to_nchw(got) if layout == "NHWC" else got)[(0, 0, *pixel)] > 0, what
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", NAN_OPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_nan_features_match_cpu(cp, rng, dtype, op, layout):
+    x, boxes = random_nan_problem(rng, op)
+    g = rng.standard_normal((len(boxes), x.shape[1], 3, 2))
+    for what, got, want in gpu_vs_cpu(cp, op, x, boxes, g, dtype, layout, output_size=(3, 2), sampling_ratio=-1,
+                                      aligned=True):
+        assert_close(got, want, dtype, what)
 
 
 @pytest.mark.gpu
