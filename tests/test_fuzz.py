@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import fuzz
@@ -83,3 +84,48 @@ def test_cases_are_reproducible_snippets():
     finally:
         runner.close()
     assert seen == {"returned", "ValueError"}
+
+
+def _hand_case(target, **keywords):
+    """A small valid call of ``target``; ``keywords`` maps more arguments to (lines, source)."""
+    args = {"features": (["features = np.linspace(0, 1, 32).reshape(1, 2, 4, 4)"], "features"),
+            "boxes": (["boxes = np.array([[0, 0.5, 0.5, 2.5, 3.0]])"], "boxes"),
+            "output_size": ([], "(2, 2)")}
+    if target.endswith("backward"):
+        args = {"grad_output": (["grad_output = np.ones((1, 2, 2, 2))"], "grad_output"), **args}
+    positional = list(args)
+    args.update(keywords)
+    return {"target": target, "seed": 0, "index": 0, "positional": positional, "base": {},
+            "args": {n: fuzz._arg(lines, src, n) for n, (lines, src) in args.items()}}
+
+
+def _checked(case, tamper=lambda result, values: None):
+    """The invariant the call of ``case`` breaks once ``tamper`` has changed its result or inputs."""
+    fn, values = fuzz.evaluate(case)
+    pre = fuzz._before(case, values)
+    kw = {n: v for n, v in values.items() if n not in case["positional"]}
+    result = fn(*[values[n] for n in case["positional"]], **kw)
+    tamper(result, values)
+    return fuzz._after(case, fn, values, result, pre)
+
+
+def test_invariants_catch_wrong_results():
+    forward, backward = _hand_case("roi_align"), _hand_case("roi_align_backward")
+    assert _checked(forward) == "" and _checked(backward) == ""
+
+    def nan(result, values):
+        result[0, 0, 0, 0] = np.nan
+
+    def move_box(result, values):
+        values["boxes"][0, 1] += 1
+
+    assert _checked(forward, nan) == "NaN in the output from finite inputs"
+    assert _checked(backward, move_box) == "the call changed its input boxes"
+    out = _hand_case("roi_align", out=(["out = np.empty((1, 2, 2, 2))"], "out"))
+    assert _checked(out) == ""
+    assert _checked(out, lambda result, values: result.fill(0)).startswith("out= result differs")
+    # list boxes give a list of gradients, one per image
+    listed = _hand_case("roi_align_backward", wrt=([], "'boxes'"),
+                        boxes=(["boxes = [np.array([[0.5, 0.5, 2.5, 3.0]])]"], "boxes"))
+    assert _checked(listed) == ""
+    assert _checked(listed, lambda result, values: result.append(result[0])).startswith("box gradient")
