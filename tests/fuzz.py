@@ -631,7 +631,10 @@ def _execute(case, send, caught):
         except BaseException as exc:
             # MemoryError first: numpy's _ArrayMemoryError is one
             allowed = [e for e in (MemoryError, TypeError, ValueError) if isinstance(exc, e)]
-            return allowed[0].__name__ if allowed else "exception", f"{type(exc).__name__}: {exc}"
+            detail = f"{type(exc).__name__}: {exc}"
+            if allowed and allowed[0] is not MemoryError:
+                detail += _escaped(exc)
+            return allowed[0].__name__ if allowed else "exception", detail
         finally:
             caught.extend(log)
     invalid = sorted({a["invalid"] for a in args.values() if a["invalid"]})
@@ -645,6 +648,22 @@ def _execute(case, send, caught):
         if problem:
             return "invariant", problem
     return "returned", ""
+
+
+def _escaped(exc):
+    """Where a ValueError or TypeError came from when no ``raise`` of roialign_cy raised it (e.g.
+    numpy refusing a shape the checks let through): its message may not name the argument."""
+    import linecache
+
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path, line = tb.tb_frame.f_code.co_filename, tb.tb_lineno
+    parts = path.split(os.sep)
+    if "roialign_cy" in parts and linecache.getline(path, line).lstrip().startswith("raise"):
+        return ""
+    where = os.sep.join(parts[parts.index("roialign_cy"):] if "roialign_cy" in parts else parts[-2:])
+    return f" [escaped from {where}:{line}]"
 
 
 def _arrays(value):
@@ -924,7 +943,8 @@ def fuzz(calls, seed, timeout=DEFAULT_TIMEOUT, memory=DEFAULT_MEMORY, targets=No
     runner = Runner(timeout, memory)
     counts = collections.Counter()
     failures = collections.defaultdict(list)
-    warned, first_warned = collections.Counter(), {}
+    # informational, not failures: warnings, and errors the checks did not raise themselves
+    warned, escaped, first = collections.Counter(), collections.Counter(), {}
     start = time.monotonic()
     try:
         for index in range(calls):
@@ -933,7 +953,12 @@ def fuzz(calls, seed, timeout=DEFAULT_TIMEOUT, memory=DEFAULT_MEMORY, targets=No
             counts[r["outcome"]] += 1
             for w in r.get("warnings", []):
                 warned[w] += 1
-                first_warned.setdefault(w, (seed, index))
+                first.setdefault(w, (seed, index))
+            if "[escaped from" in r["detail"]:
+                message, _, where = r["detail"].partition(" [escaped from ")
+                what = f"{re.sub(r'[0-9]+', '#', message)} [from {where}"
+                escaped[what] += 1
+                first.setdefault(what, (seed, index))
             if r["outcome"] in FAILURES:
                 failures[(case["target"],) + key(r)].append((case, r))
             if progress and (index + 1) % progress == 0:
@@ -947,7 +972,8 @@ def fuzz(calls, seed, timeout=DEFAULT_TIMEOUT, memory=DEFAULT_MEMORY, targets=No
     finally:
         runner.close()
     return {"counts": counts, "groups": groups, "restarts": runner.restarts, "calls": calls, "seed": seed,
-            "warnings": [(n, w, first_warned[w]) for w, n in warned.most_common()],
+            "warnings": [(n, w, first[w]) for w, n in warned.most_common()],
+            "escaped": [(n, e, first[e]) for e, n in escaped.most_common()],
             "seconds": time.monotonic() - start, "targets": targets}
 
 
@@ -971,6 +997,9 @@ def format_report(report, max_cases=20):
     if report["warnings"]:
         lines += ["", "warnings from calls (not failures): count, message, first (seed, index)"]
         lines += [f"  {n:5d} x {w} {first}" for n, w, first in report["warnings"][:10]]
+    if report["escaped"]:
+        lines += ["", "errors not raised by the checks (not failures): count, error, first (seed, index)"]
+        lines += [f"  {n:5d} x {e[:200]} {first}" for n, e, first in report["escaped"][:20]]
     return "\n".join(lines)
 
 
