@@ -830,6 +830,9 @@ class Runner:
 
     def _start(self):
         root, env = package_env()
+        # under RLIMIT_AS, address space that idle threads reserve counts: OpenBLAS buffers and
+        # glibc's per-thread malloc arenas would grow with the core count
+        env.update(OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", str(self.memory)],
