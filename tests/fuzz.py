@@ -313,14 +313,14 @@ class _Gen:
                     "length": f"np.array({index} + [0], np.int64)",
                     "bool": f"np.array({index}, np.bool_)",
                     "uint64": f"np.full({len(rows)}, 2**64 - 1, np.uint64)", "list": index}[v]
-            if v == "none":
-                # (K, D) alone is the N == 1 case; a bad batch index goes with batch_indices
-                invalid = "" if invalid == "bad batch index" else invalid
+            # a bad index is in batch_indices: dropping them while minimising drops the refusal
+            bad = invalid == "bad batch index" or v in ("float", "length", "bool") or v == "uint64" and rows
+            invalid = "" if invalid == "bad batch index" else invalid
+            if v == "none":  # (K, D) alone is the N == 1 case
                 invalid = invalid or ("" if p.n == 1 else "no batch_indices with N > 1")
-            else:
-                if v not in ("valid", "list"):
-                    invalid = invalid or "bad batch_indices"
-                batch = _arg([f"batch_indices = {expr}"], "batch_indices", f"batch_indices:{v}")
+                return _arg(lines, "boxes", label, invalid), None
+            batch = _arg([f"batch_indices = {expr}"], "batch_indices", f"batch_indices:{v}",
+                         "bad batch_indices" if bad else "")
             return _arg(lines, "boxes", label, invalid), batch
         if form in ("list", "tuple"):
             parts = [f"np.array({_rows([r[1:] for r in rows if r[0] == i])}, dtype=np.{dtype})"
@@ -331,8 +331,7 @@ class _Gen:
                 seq = "(" + "".join(x + ", " for x in parts) + ")"
             if self.rng.random() < 0.05:
                 batch = _arg(["batch_indices = np.zeros(0, np.int64)"], "batch_indices",
-                             "batch_indices:with-list")
-                invalid = invalid or "batch_indices with a list of boxes"
+                             "batch_indices:with-list", "batch_indices with a list of boxes")
             return _arg([f"boxes = {seq}"], "boxes", label, invalid), batch
         v = self.choice(["plain"] * 5 + ["fortran", "readonly", "big-endian", "strided", "tolist"])
         # a Python list of (K, 1 + D) rows reads as the per-image list form: a ValueError
@@ -343,8 +342,7 @@ class _Gen:
                  "tolist": ["boxes = boxes.tolist()"]}[v]
         if self.rng.random() < 0.03:
             batch = _arg(["batch_indices = np.zeros(len(boxes), np.int64)"], "batch_indices",
-                         "batch_indices:with-batched")
-            invalid = invalid or "batch_indices with (K, 1 + D) boxes"
+                         "batch_indices:with-batched", "batch_indices with (K, 1 + D) boxes")
         lines = [f"boxes = {self._box_array(rows, dtype)}"] + extra
         return _arg(lines, "boxes", f"{label} {v}", invalid), batch
 
@@ -900,12 +898,15 @@ class Runner:
 
 
 def key(result):
-    """What makes two failures the same: the outcome and the exception type (or signal)."""
+    """What makes two failures the same: the outcome and the exception type, signal, invariant or
+    refusal."""
     detail = result["detail"]
     if result["outcome"] in ("exception", "crash"):
         return result["outcome"], detail.split(":")[0].split(" (")[0]
     if result["outcome"] == "invariant":
         return result["outcome"], re.sub(r"[\d(),\s']+", " ", detail.split(" (")[0]).strip()
+    if result["outcome"] == "accepted-invalid":
+        return result["outcome"], detail.split("despite: ")[-1]
     return result["outcome"], ""
 
 
