@@ -87,8 +87,9 @@ class Plan:
 
 
 def _arg(lines, src, label, invalid=""):
-    """One argument: statements defining it, the expression passed, a label for grouping failures,
-    and why the documentation refuses it (empty when it may be valid)."""
+    """One argument: statements defining it, the expression passed, a label naming the variant
+    (other arguments are chosen to fit it, e.g. an ``out`` aliasing contiguous features), and why
+    the documentation refuses it (empty when it may be valid)."""
     return {"lines": list(lines), "src": src, "label": label, "invalid": invalid}
 
 

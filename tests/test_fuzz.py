@@ -18,6 +18,7 @@ import fuzz
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the worker runs under RLIMIT_AS and is read with select (Linux)")
 
+# 2000 calls take about 10 s on two cores (plus up to 30 s to minimise failures)
 CALLS = int(os.environ.get("ROIALIGN_FUZZ_CALLS", "2000"))
 SEED = int(os.environ.get("ROIALIGN_FUZZ_SEED", "20261129"))
 
