@@ -3,7 +3,7 @@ import numpy as np
 
 from . import _backends
 from . import _validate as v
-from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, OpParams
+from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, GRID_SATURATE, OpParams
 
 _WRT = ("features", "boxes", "both")
 
@@ -22,7 +22,9 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     mode = v.check_choice("mode", mode, ("avg",) if rotated else v.MODES)
     ph, pw = v.output_size(output_size)
     scale = v.spatial_scale(spatial_scale)
-    sampling_ratio = v.check_int("sampling_ratio", sampling_ratio, minimum=-1)
+    # past GRID_SATURATE samples per axis no grid can be pooled (its tables would not fit)
+    sampling_ratio = v.check_int("sampling_ratio", sampling_ratio, minimum=-1,
+                                 maximum=GRID_SATURATE)
     aligned = v.check_flag("aligned", aligned)
     clockwise = v.check_flag("clockwise", clockwise)
     deterministic = v.check_flag("deterministic", deterministic)
@@ -83,7 +85,8 @@ def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, al
         extra_arrays={"out": out}, allow_inverted=allow_inverted)
     oshape = _out_shape(shape, rois.shape[0], p)
     if out is None:
-        out = v.xp_of(_backend_name(be)).empty(oshape, features.dtype)
+        out = v.allocate(v.xp_of(_backend_name(be)), oshape, features.dtype,
+                         "the output (K, C, PH, PW)" if not p.channels_last else "the output (K, PH, PW, C)")
     else:
         out = _check_out(out, oshape, features.dtype, _backend_name(be))
         v.no_overlap(out, {"features": features, "boxes": boxes, "batch_indices": batch_indices})
@@ -128,7 +131,7 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
     grad_output = v.grad_output(grad_output, oshape, dtype, name)
     grad_features = grad_boxes = None
     if wrt in ("features", "both"):
-        grad_features = xp.zeros(shape, dtype)
+        grad_features = v.allocate(xp, shape, dtype, "the feature gradient", zeros=True)
         be.backward_features(grad_output, None if shape_only else features, rois, batch_idx,
                              grad_features, p)
     if wrt in ("boxes", "both"):
@@ -188,7 +191,7 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     spatial_scale : float
         Factor from box coordinates to feature-map coordinates (e.g. 0.25 for stride 4).
     sampling_ratio : int
-        Samples per bin along each axis; <= 0 means adaptive, ceil(roi_size / output_size).
+        Samples per bin along each axis; 0 or -1 means adaptive, ceil(roi_size / output_size).
     aligned : bool
         True: shift boxes by -0.5 pixel (half-pixel centres; detectron2, ONNX "half_pixel").
         False (torchvision's default): no shift, and boxes smaller than one pixel grow to 1 pixel.

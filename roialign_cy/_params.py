@@ -8,6 +8,9 @@ LAYOUTS = ("NCHW", "NHWC")
 # so one huge box with adaptive sampling can make a call run for hours; 2**16 (a 256 x 256 grid per
 # bin) is far above any detector's needs. Raise it with max_samples_per_bin=... on any call.
 DEFAULT_MAX_SAMPLES_PER_BIN = 1 << 16
+# Adaptive grid sizes past this saturate in the kernels (roialign_cy/_cpu/_geometry.pxd), and no
+# sampling_ratio may exceed it: a grid of that many samples per axis could never be pooled.
+GRID_SATURATE = 1 << 40
 
 
 @dataclass(frozen=True)

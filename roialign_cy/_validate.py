@@ -35,12 +35,14 @@ def check_flag(name, value):
     return bool(value)
 
 
-def check_int(name, value, minimum=None):
+def check_int(name, value, minimum=None, maximum=None):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = operator.index(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -56,7 +58,10 @@ def output_size(value):
                         f"got {type(value).__name__} {value!r}")
     if len(value) != 2:
         raise ValueError(f"output_size must be an int or a pair of ints, got {value!r}")
-    return tuple(check_int("output_size", v, minimum=1) for v in value)
+    pair = tuple(check_int("output_size", v, minimum=1) for v in value)
+    if max(pair) > _INT_MAX:  # the kernels index bins in C integers
+        raise ValueError(f"output_size must be at most {_INT_MAX} per side, got {value!r}")
+    return pair
 
 
 def spatial_scale(value):
@@ -276,6 +281,16 @@ def sample_bound(max_samples_per_bin, gh, gw):
 
 def max_samples(value):
     return check_int("max_samples_per_bin", value, minimum=1)
+
+
+def allocate(xp, shape, dtype, name, zeros=False):
+    """An output array, or a MemoryError that names the output (numpy says "array is too big"
+    with a ValueError for shapes past the address space)."""
+    try:
+        return (xp.zeros if zeros else xp.empty)(shape, dtype)
+    except (ValueError, MemoryError) as exc:
+        raise MemoryError(f"cannot allocate {name} of shape {tuple(shape)} and dtype "
+                          f"{np.dtype(dtype).name}: {exc}") from None
 
 
 def no_overlap(out, inputs):
