@@ -3,7 +3,9 @@
 CPU kernels are Cython + OpenMP; GPU kernels are CUDA sources compiled at run time through CuPy.
 The backend follows the array type (numpy -> "cpu", cupy -> "cuda") unless ``backend=`` forces it.
 """
-from ._api import roi_align, roi_align_backward, roi_align_rotated, roi_align_rotated_backward
+from ._api import (plan, roi_align, roi_align_backward, roi_align_rotated,
+                   roi_align_rotated_backward)
+from ._plan import Plan
 from ._backends import OPERATORS, devices_of, gradient_of
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
 
@@ -14,6 +16,8 @@ __all__ = [
     "roi_align_backward",
     "roi_align_rotated",
     "roi_align_rotated_backward",
+    "plan",
+    "Plan",
     "OPERATORS",
     "gradient_of",
     "devices_of",

@@ -1,18 +1,17 @@
-"""The public operators: validate once, pick the backend, allocate, call the kernel."""
+"""The public operators: validate once into a plan, then run it (allocate, call the kernel)."""
 import numpy as np
 
 from . import _backends
 from . import _validate as v
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, GRID_SATURATE, OpParams
-
-_WRT = ("features", "boxes", "both")
+from ._plan import Plan
 
 
 def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio,
              aligned, mode, layout, backend, n_threads, max_samples_per_bin, clockwise=False,
              deterministic=True, extra_arrays=None, shape_only_dtype=None, allow_inverted=False):
-    """Validate every argument; return (backend module, features or shape, rois, batch_idx, form,
-    OpParams)."""
+    """Validate every argument; return (Plan, features validated, or None when only their shape
+    was given)."""
     rotated = op == "roi_align_rotated"
     arrays = {"features": None if shape_only_dtype is not None else features, "boxes": boxes,
               "batch_indices": batch_indices}
@@ -32,7 +31,11 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     max_samples_per_bin = v.max_samples(max_samples_per_bin)
     if shape_only_dtype is not None:
         shape = v.feature_shape(features, layout)
-        dtype = shape_only_dtype
+        dtype = np.dtype(shape_only_dtype)
+        if dtype.name not in v.FLOAT_DTYPES[backend]:
+            raise TypeError(f"dtype must be one of {', '.join(v.FLOAT_DTYPES[backend])} on the "
+                            f"{backend} backend, got {dtype}")
+        features = None
     else:
         features = v.features(features, layout, backend)
         shape, dtype = tuple(features.shape), features.dtype
@@ -48,7 +51,9 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
                  aligned=aligned, mode=mode, channels_last=layout == "NHWC", rotated=rotated,
                  clockwise=clockwise, n_threads=n_threads, deterministic=deterministic)
     v.sample_bound(max_samples_per_bin, *_grid_sizes(rois, p))
-    return _backends.module(backend), features, shape, rois, batch_idx, form, p
+    plan = Plan(_backends.module(backend), shape, dtype, rois, batch_idx, form,
+                {"boxes": boxes, "batch_indices": batch_indices}, p)
+    return plan, features
 
 
 def _grid_sizes(rois, p):
@@ -58,51 +63,20 @@ def _grid_sizes(rois, p):
     return _cpu.grid_sizes(rois if isinstance(rois, np.ndarray) else rois.get(), p)
 
 
-def _out_shape(shape, k, p):
-    if p.channels_last:
-        return (k, p.pooled_h, p.pooled_w, shape[3])
-    return (k, shape[1], p.pooled_h, p.pooled_w)
-
-
-def _check_out(out, shape, dtype, backend):
-    xp = v.xp_of(backend)
-    if not isinstance(out, xp.ndarray):
-        raise TypeError(f"out must be a {xp.__name__} array, got {type(out).__name__}")
-    if tuple(out.shape) != shape or out.dtype != dtype:
-        raise ValueError(f"out must have shape {shape} and dtype {dtype}, got {tuple(out.shape)} {out.dtype}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("out must be C-contiguous and writeable")
-    return out
-
-
 def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
              layout, batch_indices, backend, n_threads, out, max_samples_per_bin, clockwise=False,
              allow_inverted=False):
-    original = features
-    be, features, shape, rois, batch_idx, form, p = _prepare(
+    plan, checked = _prepare(
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
         extra_arrays={"out": out}, allow_inverted=allow_inverted)
-    oshape = _out_shape(shape, rois.shape[0], p)
-    if out is None:
-        out = v.allocate(v.xp_of(_backend_name(be)), oshape, features.dtype,
-                         "the output (K, C, PH, PW)" if not p.channels_last else "the output (K, PH, PW, C)")
-    else:
-        out = _check_out(out, oshape, features.dtype, _backend_name(be))
-        v.no_overlap(out, {"features": features, "boxes": boxes, "batch_indices": batch_indices})
-        v.no_overlap(out, {"features": original, "boxes": rois, "batch_indices": batch_idx})
-    be.forward(features, rois, batch_idx, out, p)
-    return out
-
-
-def _backend_name(module):
-    return "cuda" if module.__name__.endswith("_cuda") else "cpu"
+    return plan._forward(checked, out, features)
 
 
 def _backward(op, grad_output, features, boxes, output_size, spatial_scale, sampling_ratio,
               aligned, mode, layout, batch_indices, wrt, backend, n_threads, deterministic,
               max_samples_per_bin, clockwise=False, allow_inverted=False):
-    wrt = v.check_choice("wrt", wrt, _WRT)
+    wrt = v.check_choice("wrt", wrt, ("features", "boxes", "both"))
     shape_only = isinstance(features, (tuple, list)) and not _looks_like_array(features)
     if shape_only and wrt != "features":
         raise ValueError(
@@ -118,31 +92,15 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
     if mode == "onnx_max":
         raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "
                          "gradient; use mode='max' (mmcv) for a differentiable max")
-    be, features, shape, rois, batch_idx, form, p = _prepare(
+    plan, checked = _prepare(
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
         deterministic=deterministic, extra_arrays={"grad_output": grad_output},
         shape_only_dtype=_grad_dtype(grad_output, backend) if shape_only else None,
         allow_inverted=allow_inverted)
-    name = _backend_name(be)
-    xp = v.xp_of(name)
-    dtype = _grad_dtype(grad_output, backend) if shape_only else features.dtype
-    oshape = _out_shape(shape, rois.shape[0], p)
-    grad_output = v.grad_output(grad_output, oshape, dtype, name)
-    grad_features = grad_boxes = None
-    if wrt in ("features", "both"):
-        grad_features = v.allocate(xp, shape, dtype, "the feature gradient", zeros=True)
-        be.backward_features(grad_output, None if shape_only else features, rois, batch_idx,
-                             grad_features, p)
-    if wrt in ("boxes", "both"):
-        grad_rois = xp.zeros(rois.shape, rois.dtype)
-        be.backward_boxes(grad_output, features, rois, batch_idx, grad_rois, p)
-        grad_boxes = _box_grad_like(grad_rois, boxes, batch_idx, form, xp)
-    if wrt == "features":
-        return grad_features
-    if wrt == "boxes":
-        return grad_boxes
-    return grad_features, grad_boxes
+    p = plan.params
+    grad_output = v.grad_output(grad_output, plan.output_shape(), plan.dtype, plan.backend)
+    return plan._backward(grad_output, checked, plan.feature_shape, wrt, p)
 
 
 def _grad_dtype(grad_output, backend):
@@ -161,14 +119,47 @@ def _looks_like_array(x):
         return True
 
 
-def _box_grad_like(grad_rois, boxes, batch_idx, form, xp):
-    """Give the box gradient the form the boxes came in (batch column zero, list split back)."""
-    if form == "onnx":
-        return grad_rois
-    if form == "batched":
-        return xp.concatenate([xp.zeros((grad_rois.shape[0], 1), grad_rois.dtype), grad_rois], axis=1)
-    sizes = np.cumsum([len(b) for b in boxes])[:-1]
-    return list(xp.split(grad_rois, sizes.tolist())) if len(boxes) else []
+def plan(boxes, feature_shape, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=None,
+         *, rotated=False, mode="avg", layout="NCHW", batch_indices=None, clockwise=False,
+         dtype=np.float32, backend="auto", n_threads=None,
+         max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False):
+    """Validate boxes and parameters once, for any number of forward and backward calls.
+
+    Returns a :class:`~roialign_cy._plan.Plan` ``p``: ``p.forward(features, out=None)`` equals
+    ``roi_align(features, boxes, ...)`` (or ``roi_align_rotated`` with ``rotated=True``) and
+    ``p.backward(grad_output, features=None, wrt="features")`` equals the matching ``*_backward``
+    call, bit for bit. The sampling tables (taps and weights of every sample, the PreCalc of
+    Caffe2) are built on first use and kept, so the same boxes on many maps (video frames, channel
+    groups, several models), or a forward and its backward in training, pay for them once.
+
+    Parameters
+    ----------
+    boxes, output_size, spatial_scale, sampling_ratio, mode, layout, batch_indices, clockwise,
+    backend, n_threads, max_samples_per_bin, allow_inverted
+        As in :func:`roi_align` / :func:`roi_align_rotated`.
+    feature_shape : tuple of 4 ints
+        (N, C, H, W), or (N, H, W, C) with layout="NHWC": the maps the plan will be used on. Each
+        call's features must have these N, H, W and ``dtype``; C may differ.
+    aligned : bool, optional
+        Default: each operator's default (False for ``roi_align``, True for rotated boxes).
+    rotated : bool
+        Boxes are rotated (K, 6) [b, cx, cy, w, h, angle_degrees] (``roi_align_rotated``).
+    dtype : float32 or float64 (float16 too with the cuda backend)
+        The features' dtype (it also sets the precision the boxes are placed in).
+    """
+    op = "roi_align_rotated" if rotated is True else "roi_align"
+    if not isinstance(rotated, (bool, np.bool_)):
+        raise TypeError(f"rotated must be a bool, got {type(rotated).__name__} {rotated!r}")
+    if aligned is None:
+        aligned = bool(rotated)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a float dtype, got {dtype!r}") from None
+    return _prepare(op, feature_shape, boxes, batch_indices, output_size, spatial_scale,
+                    sampling_ratio, aligned, mode, layout, backend, n_threads, max_samples_per_bin,
+                    clockwise=clockwise, shape_only_dtype=dtype,
+                    allow_inverted=allow_inverted)[0]
 
 
 def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,

@@ -283,6 +283,17 @@ def max_samples(value):
     return check_int("max_samples_per_bin", value, minimum=1)
 
 
+def check_out(out, shape, dtype, backend):
+    xp = xp_of(backend)
+    if not isinstance(out, xp.ndarray):
+        raise TypeError(f"out must be a {xp.__name__} array, got {type(out).__name__}")
+    if tuple(out.shape) != shape or out.dtype != dtype:
+        raise ValueError(f"out must have shape {shape} and dtype {dtype}, got {tuple(out.shape)} {out.dtype}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    return out
+
+
 def allocate(xp, shape, dtype, name, zeros=False):
     """An output array, or a MemoryError that names the output (numpy says "array is too big"
     with a ValueError for shapes past the address space)."""

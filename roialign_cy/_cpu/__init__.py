@@ -18,6 +18,7 @@ thread count, so only the speed differs. Pools started with "spawn" or "forkserv
 affected.
 """
 import os
+import threading
 
 import numpy as np
 
@@ -165,16 +166,18 @@ def _use_blocks(samples, c, h, w, n, itemsize, tasks, n_threads, forward):
     return samples >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w
 
 
-class _Run:
-    """The boxes of one call, sorted by (level,) image, with their grid sizes: what every kernel
-    of the call shares. ``chunks()`` yields (j0, j1, tables) over positions of ``order``
-    (rotated: of the pieces ``order``/``bin0``/``bin1``); ``where()`` gives the kernels' leading
-    arguments, ``blocks()`` the NCHW strategy of each level."""
+class Run:
+    """The boxes of a call, sorted by (level,) image, with their grid sizes and sampling tables:
+    what every kernel of the call shares, and what a plan keeps between calls (the tables of a
+    single chunk are built once, under a lock, then only read). ``shapes`` are the maps' (N, C, H,
+    W); ``chunks()`` yields (j0, j1, tables) over positions of ``order`` (rotated: of the pieces
+    ``order``/``bin0``/``bin1``); ``where()`` gives the kernels' leading arguments, ``blocks()``
+    the NCHW strategy of each level."""
 
-    def __init__(self, maps, rois, batch_idx, p, n_threads, level=None, scales=None):
+    def __init__(self, shapes, itemsize, rois, batch_idx, p, n_threads, level=None, scales=None):
         self.rois, self.p, self.n_threads = rois, p, n_threads
-        self.shapes = [_shape(m, p) for m in maps]
-        self.itemsize = maps[0].itemsize
+        self.shapes, self.itemsize = list(shapes), itemsize
+        self._cached, self._lock = None, threading.Lock()
         n_images = self.shapes[0][0]
         if p.rotated:
             self.gh, self.gw = grid_sizes(rois, p)
@@ -183,7 +186,7 @@ class _Run:
             self.level, self.scales = _levels(len(rois), level, scales, p)
             self.gh, self.gw = grid_sizes(rois, p, self.level, self.scales)
             key = batch_idx if level is None else self.level * n_images + batch_idx
-            n_keys = len(maps) * n_images
+            n_keys = len(self.shapes) * n_images
         check_table_sizes(self.gh, self.gw, p)
         self.order, self.img_start = _group_by_image(key, n_keys)
         if p.rotated:
@@ -207,12 +210,24 @@ class _Run:
         self.order = box
 
     def chunks(self):
+        if self._cached is not None:
+            return self._cached
         p = self.p
         if p.rotated:
             sizes = self.gh[self.order] * self.gw[self.order] * (self.bin1 - self.bin0) * 4
         else:
             sizes = (self.gh * p.pooled_h + self.gw * p.pooled_w)[self.order]
-        for j0, j1 in _chunks(sizes):
+        runs = list(_chunks(sizes))
+        if len(runs) > 1:  # tables of several chunks are never held at once
+            return self._build(runs)
+        with self._lock:
+            if self._cached is None:
+                self._cached = list(self._build(runs))
+        return self._cached
+
+    def _build(self, runs):
+        p = self.p
+        for j0, j1 in runs:
             if p.rotated:
                 _, _, h, w = self.shapes[0]
                 t = _roi_align_rotated.make_tables(
@@ -227,8 +242,9 @@ class _Run:
                     self.scales, p.pooled_h, p.pooled_w, p.aligned, self.n_threads)
             yield j0, j1, t
 
-    def blocks(self, j0, j1, forward):
-        """Per level, whether the NCHW kernels copy blocks of planes (uint8 array)."""
+    def blocks(self, j0, j1, forward, channels, n_threads):
+        """Per level, whether the NCHW kernels copy blocks of planes of maps of ``channels``
+        channels, for a call on ``n_threads`` threads (uint8 array)."""
         p, lanes = self.p, _roi_align.BLOCK_CHANNELS
         sel = self.order[j0:j1]
         if p.rotated:
@@ -236,11 +252,11 @@ class _Run:
         else:
             per_box = (self.gh[sel] * self.gw[sel]).astype(np.float64) * (p.pooled_h * p.pooled_w)
             samples = np.bincount(self.level[sel], per_box, minlength=len(self.shapes))
-        tasks = sum(s[0] * -(-s[1] // lanes) for s in self.shapes)
+        tasks = len(self.shapes) * self.shapes[0][0] * -(-channels // lanes)
         return np.array([not p.channels_last and
-                         _use_blocks(samples[l], c, h, w, n, self.itemsize, tasks,
-                                     self.n_threads, forward)
-                         for l, (n, c, h, w) in enumerate(self.shapes)], np.uint8)
+                         _use_blocks(samples[l], channels, h, w, n, self.itemsize, tasks,
+                                     n_threads, forward)
+                         for l, (n, _, h, w) in enumerate(self.shapes)], np.uint8)
 
     def where(self):
         """The kernels' arguments that say which boxes (or pieces) run, in which order."""
@@ -249,59 +265,75 @@ class _Run:
         return self.order, self.img_start
 
 
-def forward(features, rois, batch_idx, out, p):
-    forward_levels([features], rois, batch_idx, None, None, out, p)
+def prepare(shapes, dtype, rois, batch_idx, p, level=None, scales=None):
+    """The Run of boxes on maps of these shapes and dtype, for a plan to keep."""
+    return Run(shapes, np.dtype(dtype).itemsize, rois, batch_idx, p,
+               effective_n_threads(p.n_threads), level, scales)
 
 
-def forward_levels(maps, rois, batch_idx, level, scales, out, p):
+def _run_of(run, maps, rois, batch_idx, p, n_work, level, scales):
+    """(the given Run (a plan's) or one for this call, the thread count for this call's work)."""
+    n_threads = _n_threads(p, n_work)
+    if run is None:
+        run = Run([_shape(m, p) for m in maps], maps[0].itemsize, rois, batch_idx, p, n_threads,
+                  level, scales)
+    return run, n_threads
+
+
+def forward(features, rois, batch_idx, out, p, run=None):
+    forward_levels([features], rois, batch_idx, None, None, out, p, run)
+
+
+def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None):
     """Pool each box from its level's map (``maps[level[k]]`` at scale ``scales[level[k]]``;
     level None: one map at ``p.spatial_scale``) into ``out``, all levels in one parallel
     region."""
     if out.size == 0:
         return
-    run = _Run(maps, rois, batch_idx, p, _n_threads(p, out.size), level, scales)
+    run, n_threads = _run_of(run, maps, rois, batch_idx, p, out.size, level, scales)
     for j0, j1, t in run.chunks():
-        blocks = run.blocks(j0, j1, True)
+        blocks = run.blocks(j0, j1, True, _shape(maps[0], p)[1], n_threads)
         if p.rotated:
             _roi_align_rotated.forward(maps[0], batch_idx, *run.where(), j0, j1, run.gh, run.gw,
-                                       t, out, p.channels_last, bool(blocks[0]), run.n_threads)
+                                       t, out, p.channels_last, bool(blocks[0]), n_threads)
         else:
             _roi_align.forward(maps, run.level, batch_idx, *run.where(), j0, j1, run.gh, run.gw,
                                t, out, _roi_align.MODES[p.mode], p.channels_last, blocks,
-                               run.n_threads)
+                               n_threads)
 
 
-def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
+def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run=None):
     backward_features_levels(grad_out, [features], rois, batch_idx, None, None, [grad_features],
-                             p)
+                             p, run)
 
 
-def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p):
+def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p, run=None):
     """Add the feature gradient of every level into ``grads`` (shaped like ``maps``, zeroed by
     the caller); a map may be None in avg mode, which reads no feature value."""
     if grad_out.size == 0:
         return
     # avg mode reads no feature value; any array of the shape will do
     maps = [g if m is None else m for m, g in zip(maps, grads)]
-    run = _Run(maps, rois, batch_idx, p, _n_threads(p, grad_out.size), level, scales)
+    run, n_threads = _run_of(run, maps, rois, batch_idx, p, grad_out.size, level, scales)
     for j0, j1, t in run.chunks():
-        blocks = run.blocks(j0, j1, False)
+        blocks = run.blocks(j0, j1, False, _shape(maps[0], p)[1], n_threads)
         if p.rotated:
             _roi_align_rotated.backward_features(grad_out, batch_idx, *run.where(), j0, j1,
                                                  run.gh, run.gw, t, grads[0], p.channels_last,
-                                                 bool(blocks[0]), run.n_threads)
+                                                 bool(blocks[0]), n_threads)
         else:
             _roi_align.backward_features(grad_out, maps, grads, run.level, batch_idx,
                                          *run.where(), j0, j1, run.gh, run.gw, t,
                                          _roi_align.MODES[p.mode], p.channels_last, blocks,
-                                         run.n_threads)
+                                         n_threads)
 
 
-def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
-    backward_boxes_levels(grad_out, [features], rois, batch_idx, None, None, grad_rois, p)
+def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p, run=None):
+    backward_boxes_levels(grad_out, [features], rois, batch_idx, None, None, grad_rois, p, run)
 
 
-def backward_boxes_levels(grad_out, maps, rois, batch_idx, level, scales, grad_rois, p):
+def backward_boxes_levels(grad_out, maps, rois, batch_idx, level, scales, grad_rois, p,
+                          run=None):
     """Add d(sum(grad_out * out)) / d(rois) into ``grad_rois`` (zeroed by the caller)."""
     if grad_out.size == 0:
         return
@@ -321,14 +353,15 @@ def backward_boxes_levels(grad_out, maps, rois, batch_idx, level, scales, grad_r
                                           gh, gw, grad_rois, p.spatial_scale, p.aligned,
                                           p.clockwise, p.channels_last, blocks, n_threads)
         return
-    run = _Run(maps, rois, batch_idx, p, n_threads, level, scales)
+    run, n_threads = _run_of(run, maps, rois, batch_idx, p, grad_out.size, level, scales)
     for j0, j1, t in run.chunks():
         _roi_align.backward_boxes(grad_out, maps, rois, run.level, run.scales, batch_idx,
                                   *run.where(), j0, j1, run.gh, run.gw, t, grad_rois, p.aligned,
                                   _roi_align.MODES[p.mode], p.channels_last,
-                                  run.blocks(j0, j1, False), n_threads)
+                                  run.blocks(j0, j1, False, _shape(maps[0], p)[1], n_threads),
+                                  n_threads)
 
 
-__all__ = ["forward", "backward_features", "backward_boxes", "forward_levels",
+__all__ = ["prepare", "Run", "forward", "backward_features", "backward_boxes", "forward_levels",
            "backward_features_levels", "backward_boxes_levels", "effective_n_threads",
            "openmp_enabled", "grid_sizes", "check_table_sizes"]
