@@ -51,6 +51,7 @@ SCRATCH_BYTES_PER_THREAD = 64 << 20
 # Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
 # elements x samples per bin) per thread use fewer threads. Results do not depend on the count.
 _MIN_WORK_PER_THREAD = 1 << 16
+_MIN_BOXES_PER_TABLE_THREAD = 64
 # The NCHW kernels copy blocks of planes to channels-last scratch when the boxes take at least this
 # many bilinear samples per feature pixel (the copy costs about one read of the map; measured on
 # the benchmark workloads, see benchmarks/).
@@ -228,18 +229,19 @@ class Run:
     def _build(self, runs):
         p = self.p
         for j0, j1 in runs:
+            # a table row costs well under a microsecond: small runs are not worth a thread team
+            n_threads = max(1, min(self.n_threads, (j1 - j0) // _MIN_BOXES_PER_TABLE_THREAD))
             if p.rotated:
                 _, _, h, w = self.shapes[0]
                 t = _roi_align_rotated.make_tables(
                     self.rois, self.order, self.bin0, self.bin1, j0, j1, self.gh, self.gw, h, w,
-                    p.pooled_h, p.pooled_w, p.spatial_scale, p.aligned, p.clockwise,
-                    self.n_threads)
+                    p.pooled_h, p.pooled_w, p.spatial_scale, p.aligned, p.clockwise, n_threads)
             else:
                 heights = np.array([s[2] for s in self.shapes], np.int64)
                 widths = np.array([s[3] for s in self.shapes], np.int64)
                 t = _roi_align.make_tables(
                     self.rois, self.order, j0, j1, self.gh, self.gw, self.level, heights, widths,
-                    self.scales, p.pooled_h, p.pooled_w, p.aligned, self.n_threads)
+                    self.scales, p.pooled_h, p.pooled_w, p.aligned, n_threads)
             yield j0, j1, t
 
     def blocks(self, j0, j1, forward, channels, n_threads):
