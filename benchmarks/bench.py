@@ -53,6 +53,7 @@ class Workload:
     aligned: bool = True
     device: str = "cpu"
     wrt: str = "features"  # backward ops: the gradient timed (no peer has one for "boxes")
+    box_px: tuple = (8.0, 400.0)  # box sides, log-uniform, in input-image pixels
 
 
 _FPN_P2 = (2, 256, 200, 304)  # stride-4 level of a 1216 x 800 image, batch of 2
@@ -67,7 +68,15 @@ _CPU_WORKLOADS = [
     Workload("backward-boxes", "backward", _FPN_P2, 2000, (7, 7), 2, wrt="boxes"),
     Workload("rotated-backward-boxes", "rotated_backward", _FPN_P2, 2000, (7, 7), 2, wrt="boxes"),
 ]
-_GPU_WORKLOADS = [dataclasses.replace(w, name="gpu-" + w.name, device="cuda") for w in _CPU_WORKLOADS if w.name != "small"]
+# The call-size sweep (issue #9): per-call overhead up to bulk, boxes of 16-256 px
+_SWEEP = [((1, 3, 96, 128), (1, 10, 100)), ((1, 256, 50, 68), (1, 10)),
+          ((2, 256, 100, 152), (1, 100, 1000))]
+_CPU_WORKLOADS += [
+    Workload(f"sweep-{'x'.join(map(str, f))}-{k}", "forward", f, k, (7, 7), 2, box_px=(16.0, 256.0))
+    for f, ks in _SWEEP for k in ks
+] + [Workload("mask-inference", "forward", (1, 256, 200, 304), 100, (14, 14), 2)]
+_GPU_WORKLOADS = [dataclasses.replace(w, name="gpu-" + w.name, device="cuda") for w in _CPU_WORKLOADS
+                  if w.name != "small" and not w.name.startswith(("sweep", "mask-inference"))]
 WORKLOADS = {w.name: w for w in _CPU_WORKLOADS + _GPU_WORKLOADS}
 
 # Which roialign_cy function each op needs; rows whose function is missing are skipped with a note.
@@ -94,9 +103,9 @@ def make_inputs(w, seed=0):
     features = rng.standard_normal(w.features, dtype=np.float32)
     img_w, img_h = wd / w.spatial_scale, h / w.spatial_scale
     k = w.n_boxes
-    hi = min(400.0, img_w, img_h)
-    bw = np.exp(rng.uniform(math.log(8.0), math.log(hi), k))
-    bh = np.exp(rng.uniform(math.log(8.0), math.log(hi), k))
+    lo, hi = w.box_px[0], min(w.box_px[1], img_w, img_h)
+    bw = np.exp(rng.uniform(math.log(lo), math.log(hi), k))
+    bh = np.exp(rng.uniform(math.log(lo), math.log(hi), k))
     cx = rng.uniform(0, img_w, k)
     cy = rng.uniform(0, img_h, k)
     batch = np.sort(rng.integers(0, n, k)).astype(np.float64)
