@@ -63,7 +63,7 @@ class BuildExt(build_ext):
 def _extensions():
     from Cython.Build import cythonize
 
-    names = ["_openmp", "_roi_align", "_roi_align_rotated"]
+    names = ["_openmp", "_checks", "_roi_align", "_roi_align_rotated"]
     exts = [
         Extension(
             f"roialign_cy._cpu.{name}",

@@ -42,17 +42,22 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     n_images = shape[0]
     # float16 features keep float32 boxes: half precision cannot place a box to the pixel
     box_dtype = np.float32 if dtype == np.float16 else dtype
-    rois, batch_idx, form = v.boxes(boxes, n_images, batch_indices, 5 if rotated else 4,
-                                    box_dtype, backend)
+    check_order = not v.check_flag("allow_inverted", allow_inverted)
+    width = 5 if rotated else 4
+    checked = v.boxes_fast(boxes, n_images, batch_indices, width, box_dtype, backend, check_order)
+    rois, batch_idx, form = checked or v.boxes(boxes, n_images, batch_indices, width, box_dtype,
+                                               backend)
     v.spatial_extent(shape, layout, rois.shape[0])
-    if not v.check_flag("allow_inverted", allow_inverted):
+    if check_order and checked is None:
         v.box_order(rois, rotated)
     p = OpParams(pooled_h=ph, pooled_w=pw, spatial_scale=scale, sampling_ratio=sampling_ratio,
                  aligned=aligned, mode=mode, channels_last=layout == "NHWC", rotated=rotated,
                  clockwise=clockwise, n_threads=n_threads, deterministic=deterministic)
-    v.sample_bound(max_samples_per_bin, *_grid_sizes(rois, p))
+    grid = _grid_sizes(rois, p)
+    v.sample_bound(max_samples_per_bin, *grid)
     plan = Plan(_backends.module(backend), shape, dtype, rois, batch_idx, form,
-                {"boxes": boxes, "batch_indices": batch_indices}, p)
+                {"boxes": boxes, "batch_indices": batch_indices}, p,
+                grid if backend == "cpu" else None)
     return plan, features
 
 

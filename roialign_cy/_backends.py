@@ -17,6 +17,8 @@ C-contiguous and allocated by ``roialign_cy._api`` (see ``OpParams`` for the sca
 """
 import importlib
 
+import numpy as np
+
 from . import _params
 
 # Forward operator -> (its gradient operator, device types that serve both). The Caffe2 notion of
@@ -50,6 +52,8 @@ def select(op_name, arrays, backend):
     anything numpy can read) goes to "cpu", cupy arrays to "cuda"; mixing them, or forcing a backend
     that cannot read the arrays, is an error rather than a silent copy.
     """
+    if backend == "auto" and all(v is None or type(v) is np.ndarray for v in arrays.values()):
+        return "cpu"  # the usual call: numpy arrays only
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     given = {k: v for k, v in arrays.items() if v is not None}

@@ -31,14 +31,14 @@ class Plan:
     first use and kept; a plan may be shared by threads.
     """
 
-    def __init__(self, backend, shape, dtype, rois, batch_idx, form, given, p):
+    def __init__(self, backend, shape, dtype, rois, batch_idx, form, given, p, grid=None):
         # given: the caller's boxes and batch_indices (the box gradient takes their form, and
         # out= may not share memory with them)
         self._be, self._rois, self._batch_idx, self._form, self._given = (
             backend, rois, batch_idx, form, given)
         self.feature_shape, self.dtype, self.params = tuple(shape), np.dtype(dtype), p
         self.backend = backend_name(backend)
-        self._run, self._lock = None, threading.Lock()
+        self._run, self._lock, self._grid = None, threading.Lock(), grid
 
     def __repr__(self):
         p = self.params
@@ -71,7 +71,7 @@ class Plan:
                     n, a, b, c = self.feature_shape
                     shape = (n, c, a, b) if self.params.channels_last else (n, a, b, c)
                     self._run = prepare([shape], self.dtype, self._rois, self._batch_idx,
-                                        self.params)
+                                        self.params, grid=self._grid)
         return {"run": self._run}
 
     def _features(self, features):

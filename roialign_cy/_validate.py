@@ -30,12 +30,17 @@ def check_choice(name, value, choices):
 
 
 def check_flag(name, value):
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
 
 
 def check_int(name, value, minimum=None, maximum=None):
+    if type(value) is int and (minimum is None or value >= minimum) and (
+            maximum is None or value <= maximum):
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = operator.index(value)
@@ -82,8 +87,14 @@ def n_threads(value):
     return value
 
 
+_NATIVE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def features(array, layout, backend):
     """Float feature map of rank 4 -> C-contiguous array (no copy when already so)."""
+    if (type(array) is np.ndarray and backend == "cpu" and array.ndim == 4
+            and array.dtype in _NATIVE_FLOATS and array.flags.c_contiguous):
+        return array  # the usual call: nothing to check further or convert
     xp = xp_of(backend)
     if array is None or isinstance(array, (str, bytes, numbers.Number)):
         raise TypeError(f"features must be a float array of rank 4, got {type(array).__name__}")
@@ -212,6 +223,21 @@ def boxes(value, n_images, batch_indices, width, dtype, backend, name="boxes"):
     return rois, xp.ascontiguousarray(batch_idx), form
 
 
+def boxes_fast(value, n_images, batch_indices, width, dtype, backend, check_order):
+    """The common call, checked in one compiled pass: a (K, width + 1) numpy array of the boxes'
+    dtype, all finite, batch indices in range and (``check_order``) no inverted box. Returns what
+    :func:`boxes` would, or None: then :func:`boxes` and :func:`box_order` say what is wrong."""
+    if not (type(value) is np.ndarray and backend == "cpu" and batch_indices is None
+            and value.ndim == 2 and value.shape[1] == width + 1 and value.dtype == dtype):
+        return None
+    from ._cpu import _checks
+
+    batch_idx = np.empty(value.shape[0], np.int64)
+    if not _checks.scan_boxes(value, n_images, check_order, width == 5, batch_idx):
+        return None
+    return np.ascontiguousarray(value[:, 1:]), batch_idx, "batched"
+
+
 def box_order(rois, rotated, name="boxes"):
     """Refuse inverted boxes (x2 < x1 or y2 < y1; rotated: w < 0 or h < 0) unless the caller
     asked for the peers' convention with allow_inverted=True."""
@@ -264,6 +290,10 @@ def _check_finite(name, arr, where=""):
 def sample_bound(max_samples_per_bin, gh, gw):
     """Refuse calls whose sampling grid would run for hours (see DEFAULT_MAX_SAMPLES_PER_BIN)."""
     if gh.size == 0:
+        return
+    from ._cpu import _checks
+
+    if _checks.grid_bound(gh, gw, float(max_samples_per_bin)):
         return
     gh, gw = gh.astype(np.float64), gw.astype(np.float64)
     # each axis is bounded as well: a grid with no columns still lays out its rows (tables, loop

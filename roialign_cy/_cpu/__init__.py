@@ -111,6 +111,12 @@ def check_table_sizes(gh, gw, p):
     """MemoryError, before any allocation, for a box whose tables alone cannot be built."""
     if not len(gh):
         return
+    if p.rotated:
+        bound = int(gh.max()) * int(gw.max()) * 4
+    else:
+        bound = int(gh.max()) * p.pooled_h + int(gw.max()) * p.pooled_w
+    if bound <= TABLE_ENTRIES_PER_BOX:  # exact Python integers: the usual call ends here
+        return
     gh, gw = gh.astype(np.float64), gw.astype(np.float64)
     if p.rotated:
         need = gh * gw * 4  # one bin: its samples' 4 taps
@@ -175,17 +181,18 @@ class Run:
     ``order``/``bin0``/``bin1``); ``where()`` gives the kernels' leading arguments, ``blocks()``
     the NCHW strategy of each level."""
 
-    def __init__(self, shapes, itemsize, rois, batch_idx, p, n_threads, level=None, scales=None):
+    def __init__(self, shapes, itemsize, rois, batch_idx, p, n_threads, level=None, scales=None,
+                 grid=None):
         self.rois, self.p, self.n_threads = rois, p, n_threads
         self.shapes, self.itemsize = list(shapes), itemsize
-        self._cached, self._lock = None, threading.Lock()
+        self._cached, self._lock, self._blocks = None, threading.Lock(), {}
         n_images = self.shapes[0][0]
         if p.rotated:
-            self.gh, self.gw = grid_sizes(rois, p)
+            self.gh, self.gw = grid or grid_sizes(rois, p)
             key, n_keys = batch_idx, n_images
         else:
             self.level, self.scales = _levels(len(rois), level, scales, p)
-            self.gh, self.gw = grid_sizes(rois, p, self.level, self.scales)
+            self.gh, self.gw = grid or grid_sizes(rois, p, self.level, self.scales)
             key = batch_idx if level is None else self.level * n_images + batch_idx
             n_keys = len(self.shapes) * n_images
         check_table_sizes(self.gh, self.gw, p)
@@ -216,9 +223,11 @@ class Run:
         p = self.p
         if p.rotated:
             sizes = self.gh[self.order] * self.gw[self.order] * (self.bin1 - self.bin0) * 4
+            runs = list(_chunks(sizes))
+        elif int(self.gh.sum()) * p.pooled_h + int(self.gw.sum()) * p.pooled_w <= TABLE_ENTRIES_PER_CHUNK:
+            runs = [(0, len(self.order))] if len(self.order) else []
         else:
-            sizes = (self.gh * p.pooled_h + self.gw * p.pooled_w)[self.order]
-        runs = list(_chunks(sizes))
+            runs = list(_chunks((self.gh * p.pooled_h + self.gw * p.pooled_w)[self.order]))
         if len(runs) > 1:  # tables of several chunks are never held at once
             return self._build(runs)
         with self._lock:
@@ -246,11 +255,21 @@ class Run:
 
     def blocks(self, j0, j1, forward, channels, n_threads):
         """Per level, whether the NCHW kernels copy blocks of planes of maps of ``channels``
-        channels, for a call on ``n_threads`` threads (uint8 array)."""
+        channels, for a call on ``n_threads`` threads (uint8 array; a plan's calls reuse it)."""
+        key = (j0, j1, forward, channels, n_threads)
+        if key not in self._blocks:
+            self._blocks[key] = self._strategy(j0, j1, forward, channels, n_threads)
+        return self._blocks[key]
+
+    def _strategy(self, j0, j1, forward, channels, n_threads):
         p, lanes = self.p, _roi_align.BLOCK_CHANNELS
+        if p.channels_last:
+            return np.zeros(len(self.shapes), np.uint8)
         sel = self.order[j0:j1]
         if p.rotated:
             samples = [float(np.sum(self.gh[sel] * self.gw[sel] * (self.bin1[j0:j1] - self.bin0[j0:j1])))]
+        elif len(self.shapes) == 1:
+            samples = [float(np.dot(self.gh[sel], self.gw[sel])) * p.pooled_h * p.pooled_w]
         else:
             per_box = (self.gh[sel] * self.gw[sel]).astype(np.float64) * (p.pooled_h * p.pooled_w)
             samples = np.bincount(self.level[sel], per_box, minlength=len(self.shapes))
@@ -267,10 +286,11 @@ class Run:
         return self.order, self.img_start
 
 
-def prepare(shapes, dtype, rois, batch_idx, p, level=None, scales=None):
-    """The Run of boxes on maps of these shapes and dtype, for a plan to keep."""
+def prepare(shapes, dtype, rois, batch_idx, p, level=None, scales=None, grid=None):
+    """The Run of boxes on maps of these shapes and dtype, for a plan to keep (``grid``: their
+    (gh, gw) when already computed)."""
     return Run(shapes, np.dtype(dtype).itemsize, rois, batch_idx, p,
-               effective_n_threads(p.n_threads), level, scales)
+               effective_n_threads(p.n_threads), level, scales, grid)
 
 
 def _run_of(run, maps, rois, batch_idx, p, n_work, level, scales):
