@@ -17,17 +17,9 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
               "batch_indices": batch_indices}
     arrays.update(extra_arrays or {})
     backend = _backends.select(op, arrays, backend)
-    layout = v.check_choice("layout", layout, v.LAYOUTS)
-    mode = v.check_choice("mode", mode, ("avg",) if rotated else v.MODES)
-    ph, pw = v.output_size(output_size)
-    scale = v.spatial_scale(spatial_scale)
-    # past GRID_SATURATE samples per axis no grid can be pooled (its tables would not fit)
-    sampling_ratio = v.check_int("sampling_ratio", sampling_ratio, minimum=-1,
-                                 maximum=GRID_SATURATE)
-    aligned = v.check_flag("aligned", aligned)
-    clockwise = v.check_flag("clockwise", clockwise)
-    deterministic = v.check_flag("deterministic", deterministic)
-    n_threads = v.n_threads(n_threads)
+    p = params(rotated, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
+               clockwise, deterministic, n_threads)
+    layout = "NHWC" if p.channels_last else "NCHW"
     max_samples_per_bin = v.max_samples(max_samples_per_bin)
     if shape_only_dtype is not None:
         shape = v.feature_shape(features, layout)
@@ -50,15 +42,30 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     v.spatial_extent(shape, layout, rois.shape[0])
     if check_order and checked is None:
         v.box_order(rois, rotated)
-    p = OpParams(pooled_h=ph, pooled_w=pw, spatial_scale=scale, sampling_ratio=sampling_ratio,
-                 aligned=aligned, mode=mode, channels_last=layout == "NHWC", rotated=rotated,
-                 clockwise=clockwise, n_threads=n_threads, deterministic=deterministic)
     grid = _grid_sizes(rois, p)
     v.sample_bound(max_samples_per_bin, *grid)
     plan = Plan(_backends.module(backend), shape, dtype, rois, batch_idx, form,
                 {"boxes": boxes, "batch_indices": batch_indices}, p,
                 grid if backend == "cpu" else None)
     return plan, features
+
+
+def params(rotated, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
+           clockwise=False, deterministic=True, n_threads=None):
+    """The scalar arguments of any operator, checked -> OpParams."""
+    layout = v.check_choice("layout", layout, v.LAYOUTS)
+    mode = v.check_choice("mode", mode, ("avg",) if rotated else v.MODES)
+    ph, pw = v.output_size(output_size)
+    scale = v.spatial_scale(spatial_scale)
+    # past GRID_SATURATE samples per axis no grid can be pooled (its tables would not fit)
+    sampling_ratio = v.check_int("sampling_ratio", sampling_ratio, minimum=-1,
+                                 maximum=GRID_SATURATE)
+    return OpParams(pooled_h=ph, pooled_w=pw, spatial_scale=scale, sampling_ratio=sampling_ratio,
+                    aligned=v.check_flag("aligned", aligned), mode=mode,
+                    channels_last=layout == "NHWC", rotated=rotated,
+                    clockwise=v.check_flag("clockwise", clockwise),
+                    n_threads=v.n_threads(n_threads),
+                    deterministic=v.check_flag("deterministic", deterministic))
 
 
 def _grid_sizes(rois, p):
