@@ -50,7 +50,7 @@ SCRATCH_BYTES_PER_THREAD = 64 << 20
 
 # Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
 # elements x samples per bin) per thread use fewer threads. Results do not depend on the count.
-_MIN_WORK_PER_THREAD = 1 << 16
+_MIN_WORK_PER_THREAD = 1 << 14
 _MIN_BOXES_PER_TABLE_THREAD = 64
 # The NCHW kernels copy blocks of planes to channels-last scratch when the boxes take at least this
 # many bilinear samples per feature pixel (the copy costs about one read of the map; measured on

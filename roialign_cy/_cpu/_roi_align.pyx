@@ -493,17 +493,19 @@ def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
     cdef int alloc_failed[1]
     cdef BlockTask bt
     if scratch_px == 0:
-        # no level pays for the channels-last copy: split the boxes over the threads
-        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
+        # no level pays for the channels-last copy: split (box, PLANE_BLOCK planes) pairs over
+        # the threads, so that even one box on many channels keeps them all busy
+        nblocks = (C + PLANE_BLOCK - 1) // PLANE_BLOCK
+        for task in prange((j1 - j0) * nblocks, nogil=True, schedule="dynamic",
+                           num_threads=n_threads):
+            j = j0 + task // nblocks
+            c = (task % nblocks) * PLANE_BLOCK
             k = order[j]
             l = level[k]
             A = axes_at(T, j - j0, gh[k], gw[k])
-            X = <const floating*>M[l].x
-            for cc in range((C + PLANE_BLOCK - 1) // PLANE_BLOCK):
-                c = cc * PLANE_BLOCK
-                pool_box_planes(X + (batch_idx[k] * C + c) * M[l].H * M[l].W, M[l].H * M[l].W,
-                                C - c if C - c < PLANE_BLOCK else PLANE_BLOCK, M[l].W,
-                                O + (k * C + c) * PH * PW, PH, PW, &A, mode)
+            pool_box_planes(<const floating*>M[l].x + (batch_idx[k] * C + c) * M[l].H * M[l].W,
+                            M[l].H * M[l].W, C - c if C - c < PLANE_BLOCK else PLANE_BLOCK,
+                            M[l].W, O + (k * C + c) * PH * PW, PH, PW, &A, mode)
         return
     # one task per (level, image, block of LANES channels): levels with blocks interleave the
     # block into a channels-last scratch once and pool all its boxes from it with vector code;
