@@ -115,33 +115,22 @@ cdef struct Axes:
 
 
 cdef struct TableSet:
-    # the tables of a run of boxes; box q of the run starts at yoff[q] / xoff[q] (samples) and at
-    # 2 PH q / 2 PW q (valid runs)
-    const Py_ssize_t* ylo
-    const Py_ssize_t* yhi
-    const Py_ssize_t* yr
-    const Py_ssize_t* xlo
-    const Py_ssize_t* xhi
-    const Py_ssize_t* xr
-    const char* wy0
-    const char* wy1
-    const char* sy
-    const char* wx0
-    const char* wx1
-    const char* sx
+    # the tables of a run of boxes: ``base`` points at the start of each table (its gh, gw are
+    # unused); box q of the run starts at yoff[q] / xoff[q] (samples) and 2 PH q / 2 PW q (runs)
+    Axes base
     const Py_ssize_t* yoff
     const Py_ssize_t* xoff
     Py_ssize_t PH, PW, itemsize
 
 
 cdef inline Axes axes_at(const TableSet* t, Py_ssize_t q, Py_ssize_t gh, Py_ssize_t gw) noexcept nogil:
-    cdef Axes A
-    cdef Py_ssize_t oy = t.yoff[q], ox = t.xoff[q]
+    cdef Axes A = t.base
+    cdef Py_ssize_t oy = t.yoff[q], ox = t.xoff[q], by = oy * t.itemsize, bx = ox * t.itemsize
     A.gh, A.gw = gh, gw
-    A.ylo, A.yhi, A.yr = t.ylo + oy, t.yhi + oy, t.yr + 2 * t.PH * q
-    A.xlo, A.xhi, A.xr = t.xlo + ox, t.xhi + ox, t.xr + 2 * t.PW * q
-    A.wy0, A.wy1, A.sy = t.wy0 + oy * t.itemsize, t.wy1 + oy * t.itemsize, t.sy + oy * t.itemsize
-    A.wx0, A.wx1, A.sx = t.wx0 + ox * t.itemsize, t.wx1 + ox * t.itemsize, t.sx + ox * t.itemsize
+    A.ylo, A.yhi, A.yr = A.ylo + oy, A.yhi + oy, A.yr + 2 * t.PH * q
+    A.xlo, A.xhi, A.xr = A.xlo + ox, A.xhi + ox, A.xr + 2 * t.PW * q
+    A.wy0, A.wy1, A.sy = A.wy0 + by, A.wy1 + by, A.sy + by
+    A.wx0, A.wx1, A.sx = A.wx0 + bx, A.wx1 + bx, A.sx + bx
     return A
 
 
@@ -282,9 +271,10 @@ def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_
                  xhi + xoff[j], wx0 + xoff[j], wx1 + xoff[j], sx + xoff[j], xr + 2 * PW * j)
     t = _Tables()
     t.arrays = (ints, weights, offsets)
-    t.ts.ylo, t.ts.yhi, t.ts.yr, t.ts.xlo, t.ts.xhi, t.ts.xr = ylo, yhi, yr, xlo, xhi, xr
-    t.ts.wy0, t.ts.wy1, t.ts.sy = <char*>wy0, <char*>wy1, <char*>sy
-    t.ts.wx0, t.ts.wx1, t.ts.sx = <char*>wx0, <char*>wx1, <char*>sx
+    t.ts.base.ylo, t.ts.base.yhi, t.ts.base.yr = ylo, yhi, yr
+    t.ts.base.xlo, t.ts.base.xhi, t.ts.base.xr = xlo, xhi, xr
+    t.ts.base.wy0, t.ts.base.wy1, t.ts.base.sy = <char*>wy0, <char*>wy1, <char*>sy
+    t.ts.base.wx0, t.ts.base.wx1, t.ts.base.sx = <char*>wx0, <char*>wx1, <char*>sx
     t.ts.yoff, t.ts.xoff = yoff, xoff
     t.ts.PH, t.ts.PW, t.ts.itemsize = PH, PW, sizeof(floating)
     return t
