@@ -1,0 +1,360 @@
+"""RoIAlign over dask arrays: feature maps larger than memory, on one machine or a cluster.
+
+``pip install "roialign_cy[dask]"``. The functions here take a lazy ``dask.array.Array`` of
+features and in-memory boxes and return a lazy array equal to the in-memory call
+(:func:`roialign_cy.roi_align`, :func:`roialign_cy.roi_align_rotated`). Dask schedules the work;
+every task pools one group of boxes from the region of one image their samples touch, so only the
+input chunks under the boxes are ever read or computed.
+
+Plan (at call time, on the host, in numpy):
+
+1. Validate exactly as the in-memory call (same checks, same messages): bad boxes raise now.
+2. For every box, the pixel region its bilinear samples may read plus one pixel of margin
+   (``roialign_cy._regions``); boxes with no sample inside the map read nothing and give 0.
+3. Group boxes by image and by the tiles of the map their regions start and end in (tiles are
+   runs of chunks at least ``_MIN_TILE`` pixels wide): a group's region is the union of its boxes'
+   regions, so a task reads the few chunks its boxes need, and a chunk is read by the tasks of
+   the groups over it and of the boxes that straddle its borders. Groups hold at most
+   ``boxes_per_task`` boxes and a region of at most ``max_region_pixels`` pixels (split further
+   when the union grows past it).
+4. A box whose own region exceeds ``max_region_pixels`` is pooled alone, from the chunks that hold
+   the taps of its samples only: its region is allocated zero-filled (numpy's zeros come from
+   calloc, so the pages that no chunk is copied into are never committed) and only those chunks
+   are copied in. Such boxes have sparse samples: a dense grid of that size is refused by
+   ``max_samples_per_bin``. With CuPy blocks that region is really allocated.
+5. Each task calls the in-memory kernel on its region (one channel chunk) with the boxes shifted
+   into it exactly (see ``roialign_cy._regions``): results equal the whole-map call to a few ulps
+   of the map coordinates, and a second layer of tasks puts the rows back in box order.
+"""
+import numpy as np
+import dask.array as da
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from . import _api, _backends, _regions
+from . import _validate as v
+from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
+
+# Chunk boundaries closer than this are merged into one tile when grouping boxes, so that small
+# chunks do not scatter the boxes over many tiny tasks.
+_MIN_TILE = 1024
+# The region calls were validated as a whole at call time; their own bound check would only see
+# float64 re-estimates of the same grids.
+_NO_BOUND = np.iinfo(np.int64).max
+
+
+def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
+              *, mode="avg", layout="NCHW", batch_indices=None, backend="auto", n_threads=None,
+              max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False,
+              boxes_per_task=4096, max_region_pixels=1 << 24):
+    """Lazy :func:`roialign_cy.roi_align` over a dask array of features.
+
+    Parameters
+    ----------
+    features : dask.array.Array (N, C, H, W), or (N, H, W, C) with layout="NHWC"
+        float32 or float64 (float16 too with CuPy blocks), any chunking along any axis, known
+        chunk sizes. Blocks are numpy (CPU kernels) or CuPy (CUDA kernels).
+    boxes : array or list of arrays, in memory
+        As :func:`roialign_cy.roi_align`: (K, 5) [batch_index, x1, y1, x2, y2], (K, 4) with
+        ``batch_indices`` (or alone when N == 1), or a list of per-image (L_i, 4) arrays.
+    output_size, spatial_scale, sampling_ratio, aligned, mode, layout, batch_indices,
+    max_samples_per_bin, allow_inverted
+        As :func:`roialign_cy.roi_align`; checked now, with the same errors.
+    backend : "auto" | "cpu" | "cuda"
+        "auto" follows the blocks' array type (``features._meta``).
+    n_threads : int, optional
+        Kernel threads per task. None means 1: dask runs the tasks in parallel already.
+    boxes_per_task : int
+        At most this many boxes per task, and the output's chunk size along K.
+    max_region_pixels : int
+        Bound on the pixels (rows x columns) of one task's region; each task holds its region
+        for one channel chunk: max_region_pixels x channels per chunk x itemsize bytes. A box
+        whose own region is larger is pooled alone from the chunks its samples touch (see the
+        module docstring).
+
+    Returns
+    -------
+    dask.array.Array (K, C, PH, PW), or (K, PH, PW, C) for NHWC, in box order, of the features'
+    dtype, chunked along K by ``boxes_per_task`` and along C as the features.
+    """
+    return _lazy("roi_align", features, boxes, batch_indices, backend, boxes_per_task,
+                 max_region_pixels, output_size=output_size, spatial_scale=spatial_scale,
+                 sampling_ratio=sampling_ratio, aligned=aligned, mode=mode, layout=layout,
+                 n_threads=n_threads, max_samples_per_bin=max_samples_per_bin,
+                 allow_inverted=allow_inverted)
+
+
+def roi_align_rotated(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                      aligned=True, *, clockwise=False, layout="NCHW", batch_indices=None,
+                      backend="auto", n_threads=None,
+                      max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False,
+                      boxes_per_task=4096, max_region_pixels=1 << 24):
+    """Lazy :func:`roialign_cy.roi_align_rotated` over a dask array of features.
+
+    boxes : (K, 6) [batch_index, cx, cy, w, h, angle_degrees], (K, 5) with ``batch_indices``, or
+        a list of per-image (L_i, 5) arrays, in memory. A box's region is the bounding rectangle
+        of its rotated sample grid.
+
+    Other arguments and the result are as in :func:`roi_align` (average pooling) and
+    :func:`roialign_cy.roi_align_rotated`.
+    """
+    return _lazy("roi_align_rotated", features, boxes, batch_indices, backend, boxes_per_task,
+                 max_region_pixels, output_size=output_size, spatial_scale=spatial_scale,
+                 sampling_ratio=sampling_ratio, aligned=aligned, mode="avg", layout=layout,
+                 n_threads=n_threads, max_samples_per_bin=max_samples_per_bin,
+                 allow_inverted=allow_inverted, clockwise=clockwise)
+
+
+def _host(x):
+    """Boxes or batch indices as host arrays (CuPy arrays are copied: planning runs on the host)."""
+    if isinstance(x, (list, tuple)):
+        return [_host(part) for part in x]
+    return x.get() if _backends._is_cupy(x) else x
+
+
+def _lazy(op, features, boxes, batch_indices, backend, boxes_per_task, max_region_pixels,
+          **kw):
+    if not isinstance(features, da.Array):
+        raise TypeError(f"features must be a dask.array.Array, got {type(features).__name__} "
+                        "(use roialign_cy.roi_align for in-memory arrays)")
+    if any(np.isnan(c) for c in features.shape):
+        raise ValueError(f"features must have known chunk sizes, got shape {features.shape} "
+                         "(call features.compute_chunk_sizes() first)")
+    backend = _backends.select(op, {"features": features._meta}, backend)
+    v.features(features._meta, kw["layout"], backend)  # dtype and rank, the in-memory messages
+    boxes_per_task = v.check_int("boxes_per_task", boxes_per_task, minimum=1)
+    max_region_pixels = v.check_int("max_region_pixels", max_region_pixels, minimum=1)
+    _, _, shape, rois, batch_idx, _, p = _api._prepare(
+        op, features.shape, _host(boxes), _host(batch_indices), kw["output_size"],
+        kw["spatial_scale"], kw["sampling_ratio"], kw["aligned"], kw["mode"], kw["layout"],
+        "cpu", kw["n_threads"], kw["max_samples_per_bin"], clockwise=kw.get("clockwise", False),
+        shape_only_dtype=features.dtype, allow_inverted=kw["allow_inverted"])
+    plan = _Plan(features, rois, batch_idx, p, backend, boxes_per_task, max_region_pixels)
+    return plan.array(op)
+
+
+class _Plan:
+    """Groups, regions and the task graph of one call."""
+
+    def __init__(self, features, rois, batch_idx, p, backend, boxes_per_task, max_pixels):
+        self.features, self.p, self.backend = features, p, backend
+        self.batch_idx = batch_idx
+        self.boxes_per_task, self.max_pixels = boxes_per_task, max_pixels
+        axes = (0, 3, 1, 2) if p.channels_last else (0, 1, 2, 3)  # n, c, h, w
+        self.axes = axes
+        self.edges = [np.cumsum((0,) + features.chunks[a]) for a in axes]
+        self.height, self.width = features.shape[axes[2]], features.shape[axes[3]]
+        self.geom = _regions.geometry(rois, p)
+        self.regions, self.live = self.geom.regions(self.height, self.width)
+        self.groups, self.sparse = self._group()
+
+    # ------------------------------------------------------------------ grouping
+
+    def _group(self):
+        """Index arrays of the boxes of each task, and whether each reads sparsely (one box)."""
+        idx = np.flatnonzero(self.live)
+        r = self.regions[idx]
+        big = (r[:, 1] - r[:, 0]) * (r[:, 3] - r[:, 2]) > self.max_pixels
+        groups = [idx[big][i:i + 1] for i in range(int(big.sum()))]
+        sparse = [True] * len(groups)
+        idx, r = idx[~big], r[~big]
+        ty = _tiles(self.edges[2], _MIN_TILE)
+        tx = _tiles(self.edges[3], _MIN_TILE)
+        keys = np.stack([self.batch_idx[idx],
+                         np.searchsorted(ty, r[:, 0], "right"),
+                         np.searchsorted(ty, r[:, 1] - 1, "right"),
+                         np.searchsorted(tx, r[:, 2], "right"),
+                         np.searchsorted(tx, r[:, 3] - 1, "right")], axis=1)
+        # by key, then top to bottom and left to right inside a run (tight unions when split)
+        order = np.lexsort((r[:, 2], r[:, 0]) + tuple(keys.T[::-1]))
+        keys = keys[order]
+        breaks = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
+        for run in np.split(idx[order], breaks):
+            if not run.size:
+                continue
+            for piece in np.array_split(run, -(-run.size // self.boxes_per_task)):
+                dense = self._within_bound(piece)
+                groups += dense
+                sparse += [False] * len(dense)
+        return groups, sparse
+
+    def _union(self, boxes):
+        r = self.regions[boxes]
+        return r[:, 0].min(), r[:, 1].max(), r[:, 2].min(), r[:, 3].max()
+
+    def _within_bound(self, boxes):
+        """Split ``boxes`` (each within the bound) into runs whose union region is within it."""
+        y0, y1, x0, x1 = self._union(boxes)
+        if (y1 - y0) * (x1 - x0) <= self.max_pixels:
+            return [boxes]
+        out, first = [], 0
+        y0, y1, x0, x1 = self.regions[boxes[0]]
+        for j in range(1, boxes.size):
+            b0, b1, a0, a1 = self.regions[boxes[j]]
+            u = min(y0, b0), max(y1, b1), min(x0, a0), max(x1, a1)
+            if (u[1] - u[0]) * (u[3] - u[2]) > self.max_pixels:
+                out.append(boxes[first:j])
+                first, u = j, (b0, b1, a0, a1)
+            y0, y1, x0, x1 = u
+        out.append(boxes[first:])
+        return out
+
+    # ------------------------------------------------------------------ graph
+
+    def _chunk_span(self, axis, lo, hi):
+        e = self.edges[axis]
+        return range(np.searchsorted(e, lo, "right") - 1, np.searchsorted(e, hi - 1, "right"))
+
+    def _needed_chunks(self, box, y0, y1, x0, x1):
+        """(row chunk, column chunk) pairs holding the taps of one sparse box's samples."""
+        taps = self.geom.sample_taps(box, self.height, self.width)
+        ey, ex = self.edges[2], self.edges[3]
+        if self.p.rotated:
+            pairs = np.stack([np.searchsorted(ey, taps[:, 0], "right") - 1,
+                              np.searchsorted(ex, taps[:, 1], "right") - 1], axis=1)
+            return [tuple(t) for t in np.unique(pairs, axis=0).tolist()]
+        cy = np.unique(np.searchsorted(ey, taps[0], "right") - 1).tolist()
+        cx = np.unique(np.searchsorted(ex, taps[1], "right") - 1).tolist()
+        return [(a, b) for a in cy for b in cx]
+
+    def _pieces(self, g, members, region, ci):
+        """Block keys, source indices (in the block) and destinations (in the region)."""
+        y0, y1, x0, x1 = region
+        n = int(self.batch_idx[members[0]])
+        bi = int(np.searchsorted(self.edges[0], n, "right") - 1)
+        image = slice(n - self.edges[0][bi], n - self.edges[0][bi] + 1)
+        if self.sparse[g]:
+            chunks = self._needed_chunks(int(members[0]), y0, y1, x0, x1)
+        else:
+            chunks = [(a, b) for a in self._chunk_span(2, y0, y1)
+                      for b in self._chunk_span(3, x0, x1)]
+        keys, srcs, dsts = [], [], []
+        ey, ex, name = self.edges[2], self.edges[3], self.features.name
+        for a, b in chunks:
+            ys = slice(max(y0, ey[a]), min(y1, ey[a + 1]))
+            xs = slice(max(x0, ex[b]), min(x1, ex[b + 1]))
+            src_y, src_x = _offset(ys, ey[a]), _offset(xs, ex[b])
+            dst_y, dst_x = _offset(ys, y0), _offset(xs, x0)
+            if self.p.channels_last:
+                keys.append((name, bi, a, b, ci))
+                srcs.append((image, src_y, src_x))
+                dsts.append((slice(None), dst_y, dst_x))
+            else:
+                keys.append((name, bi, ci, a, b))
+                srcs.append((image, slice(None), src_y, src_x))
+                dsts.append((slice(None), slice(None), dst_y, dst_x))
+        return keys, srcs, dsts
+
+    def array(self, op):
+        p, features = self.p, self.features
+        n_chan = features.chunks[self.axes[1]]
+        token = tokenize(features.name, self.geom.anchor, self.regions, self.batch_idx, p,
+                         self.boxes_per_task, self.max_pixels, self.backend)
+        pool_name, name = f"{op}-regions-{token}", f"{op}-{token}"
+        call = _Call(op, p, self.backend, features.dtype)
+        dsk, where = {}, np.full((len(self.batch_idx), 2), -1, np.int64)  # box -> (group, row)
+        for g, members in enumerate(self.groups):
+            where[members, 0], where[members, 1] = g, np.arange(members.size)
+            region = self._union(members)
+            y0, y1, x0, x1 = (int(c) for c in region)
+            rois = self.geom.shifted(members, y0, x0)
+            exact = self.geom.exact[members]
+            for ci, c in enumerate(n_chan):
+                keys, srcs, dsts = self._pieces(g, members, (y0, y1, x0, x1), ci)
+                shape = (1, y1 - y0, x1 - x0, c) if p.channels_last else (1, c, y1 - y0, x1 - x0)
+                dsk[(pool_name, g, ci)] = (_pool_region, keys, srcs, dsts, shape,
+                                           self.sparse[g], rois, exact, call)
+        k = len(self.batch_idx)
+        k_chunks = tuple(min(self.boxes_per_task, k - a)
+                         for a in range(0, k, self.boxes_per_task)) or (0,)
+        starts = np.cumsum((0,) + k_chunks)
+        for j in range(len(k_chunks)):
+            w = where[starts[j]:starts[j + 1]]
+            parts = np.unique(w[w[:, 0] >= 0, 0]).tolist()
+            rows = [w[w[:, 0] == g, 1] for g in parts]
+            dsts = [np.flatnonzero(w[:, 0] == g) for g in parts]
+            for ci, c in enumerate(n_chan):
+                dsk[(name,) + _out_index(j, ci, p)] = (
+                    _gather, [(pool_name, g, ci) for g in parts], rows, dsts,
+                    _out_shape(k_chunks[j], c, p), call)
+        chunks = ((k_chunks, (p.pooled_h,), (p.pooled_w,), n_chan) if p.channels_last
+                  else (k_chunks, n_chan, (p.pooled_h,), (p.pooled_w,)))
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[features])
+        meta = v.xp_of(self.backend).empty((0, 0, 0, 0), features.dtype)
+        return da.Array(graph, name, chunks, meta=meta)
+
+
+def _tiles(edges, min_tile):
+    """Tile starts along one axis: chunk starts, consecutive chunks merged until a tile spans at
+    least ``min_tile`` pixels (the last tile may be shorter)."""
+    starts = [edges[0]]
+    for e in edges[1:-1]:
+        if e - starts[-1] >= min_tile:
+            starts.append(e)
+    return np.array(starts)
+
+
+def _offset(s, origin):
+    return slice(int(s.start - origin), int(s.stop - origin))
+
+
+def _out_index(j, ci, p):
+    return (j, 0, 0, ci) if p.channels_last else (j, ci, 0, 0)
+
+
+def _out_shape(k, c, p):
+    return (k, p.pooled_h, p.pooled_w, c) if p.channels_last else (k, c, p.pooled_h, p.pooled_w)
+
+
+class _Call:
+    """The in-memory call each task makes (small and picklable: shipped with every task)."""
+
+    def __init__(self, op, p, backend, dtype):
+        self.op, self.backend, self.dtype, self.p = op, backend, np.dtype(dtype), p
+
+    def __call__(self, region, rois, aligned):
+        p = self.p
+        kw = dict(layout="NHWC" if p.channels_last else "NCHW", backend=self.backend,
+                  n_threads=p.n_threads or 1, max_samples_per_bin=_NO_BOUND,
+                  allow_inverted=True)
+        if p.rotated:
+            return _api.roi_align_rotated(region, rois, (p.pooled_h, p.pooled_w), 1.0,
+                                         p.sampling_ratio, aligned, clockwise=p.clockwise, **kw)
+        return _api.roi_align(region, rois, (p.pooled_h, p.pooled_w), 1.0, p.sampling_ratio,
+                             aligned, mode=p.mode, **kw)
+
+
+def _pool_region(blocks, srcs, dsts, shape, sparse, rois, exact, call):
+    """Task: assemble one region from its blocks and pool the group's boxes from it.
+
+    ``exact`` rows go through aligned=False (their coordinates are the kernel's starts, exact),
+    the others through aligned=True (see ``roialign_cy._regions``)."""
+    xp = v.xp_of(call.backend)
+    region = (xp.zeros if sparse else xp.empty)(shape, call.dtype)
+    for block, src, dst in zip(blocks, srcs, dsts):
+        region[dst] = block[src]
+    rois = xp.asarray(rois)
+    if exact.all() or not exact.any():
+        return call(region, rois, not bool(exact.all()))
+    out = xp.empty(_out_shape(len(exact), shape[3] if call.p.channels_last else shape[1],
+                              call.p), call.dtype)
+    for flag in (True, False):
+        sel = xp.asarray(np.flatnonzero(exact == flag))
+        out[sel] = call(region, rois[sel], not flag)
+    return out
+
+
+def _gather(parts, rows, dsts, shape, call):
+    """Task: the output rows of consecutive boxes from the group results (0 for boxes that read
+    nothing)."""
+    xp = v.xp_of(call.backend)
+    if len(parts) == 1 and len(rows[0]) == shape[0] == parts[0].shape[0] and \
+            np.array_equal(rows[0], dsts[0]):
+        return parts[0]  # the group is these boxes, in order
+    out = xp.zeros(shape, call.dtype)
+    for part, r, d in zip(parts, rows, dsts):
+        out[xp.asarray(d)] = part[xp.asarray(r)]
+    return out
+
+
+__all__ = ["roi_align", "roi_align_rotated"]
