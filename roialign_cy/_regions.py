@@ -136,6 +136,13 @@ class Geometry:
         end = self.end[boxes].astype(np.float64) - origin + half
         return np.column_stack([start[:, 1], start[:, 0], end[:, 1], end[:, 0]])
 
+    def moved(self, dy, dx):
+        """What to add to rows of :meth:`shifted` to move their region's origin up by dy and left
+        by dx pixels (exact: the sums are the kernel's starts minus a smaller integer)."""
+        if self.p.rotated:
+            return np.array([dx, dy, 0, 0, 0], dtype=np.float64)
+        return np.array([dx, dy, dx, dy], dtype=np.float64)
+
     def sample_taps(self, k, height, width):
         """Rows and columns of the map that the taps of box k's in-map samples may read, with
         the margin: (rows, cols) sorted int64 arrays (rotated boxes: the pairs, as (R, 2))."""

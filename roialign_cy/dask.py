@@ -182,6 +182,15 @@ class _Plan:
         r = self.regions[boxes]
         return r[:, 0].min(), r[:, 1].max(), r[:, 2].min(), r[:, 3].max()
 
+    def _single_chunk(self, g, y0, y1, x0, x1):
+        """The pixel extent [y0, y1, x0, x1] of the chunk that holds a dense group's region, or
+        None when the region spans several chunks."""
+        rows, cols = self._chunk_span(2, y0, y1), self._chunk_span(3, x0, x1)
+        if self.sparse[g] or len(rows) > 1 or len(cols) > 1:
+            return None
+        ey, ex = self.edges[2], self.edges[3]
+        return int(ey[rows[0]]), int(ey[rows[0] + 1]), int(ex[cols[0]]), int(ex[cols[0] + 1])
+
     def _within_bound(self, boxes):
         """Split ``boxes`` (each within the bound) into runs whose union region is within it."""
         y0, y1, x0, x1 = self._union(boxes)
@@ -205,7 +214,7 @@ class _Plan:
         e = self.edges[axis]
         return range(np.searchsorted(e, lo, "right") - 1, np.searchsorted(e, hi - 1, "right"))
 
-    def _needed_chunks(self, box, y0, y1, x0, x1):
+    def _needed_chunks(self, box):
         """(row chunk, column chunk) pairs holding the taps of one sparse box's samples."""
         taps = self.geom.sample_taps(box, self.height, self.width)
         ey, ex = self.edges[2], self.edges[3]
@@ -217,22 +226,36 @@ class _Plan:
         cx = np.unique(np.searchsorted(ex, taps[1], "right") - 1).tolist()
         return [(a, b) for a in cy for b in cx]
 
-    def _pieces(self, g, members, region, ci):
-        """Block keys, source indices (in the block) and destinations (in the region)."""
-        y0, y1, x0, x1 = region
+    def _image(self, members):
+        """The batch chunk holding the image of a group, and that image's index in its blocks."""
         n = int(self.batch_idx[members[0]])
         bi = int(np.searchsorted(self.edges[0], n, "right") - 1)
-        image = slice(n - self.edges[0][bi], n - self.edges[0][bi] + 1)
-        if self.sparse[g]:
-            chunks = self._needed_chunks(int(members[0]), y0, y1, x0, x1)
-        else:
-            chunks = [(a, b) for a in self._chunk_span(2, y0, y1)
-                      for b in self._chunk_span(3, x0, x1)]
-        keys, srcs, dsts = [], [], []
+        return bi, slice(n - self.edges[0][bi], n - self.edges[0][bi] + 1)
+
+    def _pieces(self, g, members, region, ci):
+        """Block keys, source indices (in the block) and destinations (in the region) of what to
+        copy into one region, and whether that leaves parts of the region unwritten.
+
+        A dense group copies its region; a group whose boxes cover under half of it (boxes along
+        a chunk border, say) copies their own regions only; a sparse box the chunks holding its
+        taps only. Nothing reads the pixels left unwritten (see ``_pool_region``)."""
+        y0, y1, x0, x1 = region
+        bi, image = self._image(members)
         ey, ex, name = self.edges[2], self.edges[3], self.features.name
-        for a, b in chunks:
-            ys = slice(max(y0, ey[a]), min(y1, ey[a + 1]))
-            xs = slice(max(x0, ex[b]), min(x1, ex[b + 1]))
+        if self.sparse[g]:
+            rects = [(a, b, region) for a, b in self._needed_chunks(int(members[0]))]
+        else:
+            boxes = np.unique(self.regions[members], axis=0)
+            covered = np.sum((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]))
+            if 2 * covered >= (y1 - y0) * (x1 - x0):
+                boxes = [region]
+            rects = [(a, b, r) for r in boxes for a in self._chunk_span(2, r[0], r[1])
+                     for b in self._chunk_span(3, r[2], r[3])]
+        keys, srcs, dsts, area = [], [], [], 0
+        for a, b, (r0, r1, c0, c1) in rects:
+            ys = slice(max(r0, ey[a]), min(r1, ey[a + 1]))
+            xs = slice(max(c0, ex[b]), min(c1, ex[b + 1]))
+            area += (ys.stop - ys.start) * (xs.stop - xs.start)
             src_y, src_x = _offset(ys, ey[a]), _offset(xs, ex[b])
             dst_y, dst_x = _offset(ys, y0), _offset(xs, x0)
             if self.p.channels_last:
@@ -243,7 +266,7 @@ class _Plan:
                 keys.append((name, bi, ci, a, b))
                 srcs.append((image, slice(None), src_y, src_x))
                 dsts.append((slice(None), slice(None), dst_y, dst_x))
-        return keys, srcs, dsts
+        return keys, srcs, dsts, area != (y1 - y0) * (x1 - x0)
 
     def array(self, op):
         p, features = self.p, self.features
@@ -255,15 +278,18 @@ class _Plan:
         dsk, where = {}, np.full((len(self.batch_idx), 2), -1, np.int64)  # box -> (group, row)
         for g, members in enumerate(self.groups):
             where[members, 0], where[members, 1] = g, np.arange(members.size)
-            region = self._union(members)
-            y0, y1, x0, x1 = (int(c) for c in region)
+            y0, y1, x0, x1 = (int(c) for c in self._union(members))
             rois = self.geom.shifted(members, y0, x0)
             exact = self.geom.exact[members]
+            chunk = self._single_chunk(g, y0, y1, x0, x1)
             for ci, c in enumerate(n_chan):
-                keys, srcs, dsts = self._pieces(g, members, (y0, y1, x0, x1), ci)
+                keys, srcs, dsts, partial = self._pieces(g, members, (y0, y1, x0, x1), ci)
                 shape = (1, y1 - y0, x1 - x0, c) if p.channels_last else (1, c, y1 - y0, x1 - x0)
-                dsk[(pool_name, g, ci)] = (_pool_region, keys, srcs, dsts, shape,
-                                           self.sparse[g], rois, exact, call)
+                whole = None
+                if chunk is not None:  # any rectangle holding a valid region is valid
+                    whole = ((self._image(members)[1],), self.geom.moved(y0 - chunk[0], x0 - chunk[2]))
+                dsk[(pool_name, g, ci)] = (_pool_region, keys, srcs, dsts, shape, partial,
+                                           rois, exact, call, whole)
         k = len(self.batch_idx)
         k_chunks = tuple(min(self.boxes_per_task, k - a)
                          for a in range(0, k, self.boxes_per_task)) or (0,)
@@ -324,20 +350,30 @@ class _Call:
                              aligned, mode=p.mode, **kw)
 
 
-def _pool_region(blocks, srcs, dsts, shape, sparse, rois, exact, call):
+def _pool_region(blocks, srcs, dsts, shape, partial, rois, exact, call, whole):
     """Task: assemble one region from its blocks and pool the group's boxes from it.
 
-    ``exact`` rows go through aligned=False (their coordinates are the kernel's starts, exact),
-    the others through aligned=True (see ``roialign_cy._regions``)."""
+    ``whole`` (a region inside one chunk): (index of the whole chunk in the block, what to add to
+    ``rois`` for that origin); when that view is C-contiguous, as blocks read from a store are,
+    the kernel pools from the block itself and nothing is copied. Otherwise the pieces are
+    copied into a new region; a ``partial`` one (pieces that do not cover it) is zero-filled
+    first: numpy's zeros come from calloc, so the large pages never written are never committed,
+    and the kernels' reads with weight 0 (row 0 and column 0, for samples outside the map along
+    one axis) see zeros. ``exact`` rows go through aligned=False (their coordinates are the
+    kernel's starts, exact), the others through aligned=True (see ``roialign_cy._regions``)."""
     xp = v.xp_of(call.backend)
-    region = (xp.zeros if sparse else xp.empty)(shape, call.dtype)
-    for block, src, dst in zip(blocks, srcs, dsts):
-        region[dst] = block[src]
+    view = blocks[0][whole[0]] if whole is not None else None
+    if view is not None and view.flags.c_contiguous:
+        region, rois = view, rois + whole[1]
+    else:
+        region = (xp.zeros if partial else xp.empty)(shape, call.dtype)
+        for block, src, dst in zip(blocks, srcs, dsts):
+            region[dst] = block[src]
     rois = xp.asarray(rois)
     if exact.all() or not exact.any():
         return call(region, rois, not bool(exact.all()))
-    out = xp.empty(_out_shape(len(exact), shape[3] if call.p.channels_last else shape[1],
-                              call.p), call.dtype)
+    out = xp.empty(_out_shape(len(exact), region.shape[3] if call.p.channels_last else
+                              region.shape[1], call.p), call.dtype)
     for flag in (True, False):
         sel = xp.asarray(np.flatnonzero(exact == flag))
         out[sel] = call(region, rois[sel], not flag)

@@ -3,6 +3,7 @@ axis, both layouts, axis-aligned and rotated boxes (edge cases, chunk-straddling
 map), errors at call time, what is read, a 2-process LocalCluster, zarr on disk, and a lazily
 generated map of 1.28 TB."""
 import functools
+import os
 import pickle
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def test_matches_in_memory(dtype, layout, aligned, sampling_ratio, mode, chunk_s
     chunks = random_chunks(rng, FEATURES.shape)
     boxes = np.concatenate([BOXES, straddling_boxes(rng, chunks[2:], N, SCALE)])
     x, lazy = _lazy(FEATURES.astype(dtype), layout, chunks)
+    if chunk_seed % 2:  # blocks of their own, as read from a store: tasks pool from the block
+        lazy = lazy.map_blocks(np.ascontiguousarray)
     kw = dict(mode=mode, layout=layout, allow_inverted=True)
     # small tasks and regions: many groups, split unions and sparse boxes on a small map
     out = rd.roi_align(lazy, boxes, (3, 4), SCALE, sampling_ratio, aligned, boxes_per_task=5,
@@ -282,3 +285,156 @@ def test_zarr_on_disk(tmp_path, rng):
     got = rd.roi_align(lazy, boxes, 5, 1.0, -1, True, layout="NCHW").compute(**SYNC)
     np.testing.assert_allclose(got, roialign_cy.roi_align(feats, boxes, 5, 1.0, -1, True),
                                rtol=1e-5, atol=16 * np.spacing(np.float32(200)))
+
+
+
+@pytest.mark.gpu
+def test_cupy_blocks(rng):
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install roialign_cy[cuda12] or [cuda13])")
+    from roialign_cy import _cuda
+
+    if not _cuda.is_available():
+        pytest.skip("CuPy is installed but sees no CUDA device")
+    feats = make_features(rng, 2, 3, 50, 60)
+    boxes = np.concatenate([random_boxes(rng, 40, 2, 50, 60), edge_case_boxes(rng, 2, 50, 60)])
+    lazy = da.from_array(feats, chunks=(1, 2, 20, 25)).map_blocks(cupy.asarray)
+    got = rd.roi_align(lazy, cupy.asarray(boxes), 3, 1.0, 2, True, allow_inverted=True,
+                       boxes_per_task=8)
+    assert type(got._meta).__module__.startswith("cupy")
+    expected = roialign_cy.roi_align(cupy.asarray(feats), cupy.asarray(boxes), 3, 1.0, 2, True,
+                                     allow_inverted=True)
+    np.testing.assert_allclose(cupy.asnumpy(got.compute(**SYNC)), cupy.asnumpy(expected),
+                               **TOL[np.float64])
+
+# ------------------------------------------------------------------------------------------------
+# A map far larger than memory: 1 x 8 x 200000 x 200000 float32 (1.28 TB), generated chunk by chunk
+
+GIANT = (1, 8, 200_000, 200_000)
+GIANT_CHUNKS = (1, 4, 2048, 2048)  # 64 MiB chunks
+
+
+def _giant_values(c0, c1, y0, y1, x0, x1):
+    """The giant map's pixels [c0:c1, y0:y1, x0:x1] (float32): smooth, different per channel."""
+    c = np.arange(c0, c1, dtype=np.float64)[:, None, None]
+    ys = np.sin(np.arange(y0, y1)[None, :, None] * 0.05 + c).astype(np.float32)
+    xs = np.cos(np.arange(x0, x1)[None, None, :] * 0.03 - c).astype(np.float32)
+    return (ys + xs)[None]
+
+
+def _giant_boxes(rng):
+    """(K, 5) boxes in image units (spatial_scale 0.5): clusters around chunk corners, one at the
+    map's bottom-right corner (partly outside), and a few wholly outside. Coordinates are
+    multiples of 1/8, so that their float32 starts are exact and the float64 truth is the same
+    computation."""
+    centres = [(2048 * 10, 2048 * 20), (2048 * 50 + 1000, 2048 * 70), (2048 * 90, 2048 * 5 + 300),
+               (199_950, 199_900)]
+    rows = []
+    for cy, cx in centres:
+        for _ in range(75):
+            y, x = cy + rng.uniform(-700, 700), cx + rng.uniform(-700, 700)
+            h, w = rng.uniform(4, 300, size=2)
+            rows.append([0, x - w / 2, y - h / 2, x + w / 2, y + h / 2])
+    rows += [[0, -900.0, -800.0, -500.0, -300.0], [0, 450_000.0, 100.0, 460_000.0, 400.0]]
+    boxes = np.array(rows)
+    boxes[:, 1:] = np.round(boxes[:, 1:] * 2 * 8) / 8  # feature coordinates -> image units
+    return boxes.astype(np.float32)
+
+
+def _touched_chunks(boxes, scale, sampling_ratio, pooled):
+    """(row chunk, column chunk) pairs holding a tap of some in-map sample (reference geometry;
+    the axis-aligned taps are separable: rows of the in-map sample rows x their columns)."""
+    from reference import aligned_samples
+
+    touched = set()
+    for roi in boxes[:, 1:].astype(np.float64):
+        ys, xs, _ = aligned_samples(roi, pooled, pooled, scale, sampling_ratio, True)
+        taps = []
+        for c, n, size in ((np.unique(ys), GIANT[2], GIANT_CHUNKS[2]),
+                           (np.unique(xs), GIANT[3], GIANT_CHUNKS[3])):
+            c = np.maximum(c[(c >= -1) & (c <= n)], 0)
+            low = np.minimum(np.floor(c), n - 1).astype(np.int64)
+            taps.append(np.unique(np.concatenate([low, np.minimum(low + 1, n - 1)]) // size))
+        touched |= {(a, b) for a in taps[0].tolist() for b in taps[1].tolist()}
+    return touched
+
+
+def test_giant_map_reads_only_what_the_boxes_need(rng):
+    generated = []
+
+    def block(block_info=None):
+        (n0, _), (c0, c1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+        generated.append((c0 // GIANT_CHUNKS[1], y0 // GIANT_CHUNKS[2], x0 // GIANT_CHUNKS[3]))
+        return _giant_values(c0, c1, y0, y1, x0, x1)
+
+    chunks = tuple(tuple(min(c, n - a) for a in range(0, n, c)) for n, c in zip(GIANT, GIANT_CHUNKS))
+    lazy = da.map_blocks(block, chunks=chunks, dtype=np.float32)
+    assert lazy.nbytes > 1e12
+    boxes = _giant_boxes(rng)
+    scale, sr, pooled = 0.5, 2, 7
+    out = rd.roi_align(lazy, boxes, pooled, scale, sr, True)
+
+    tracemalloc.start()
+    try:
+        got = out.compute(**SYNC)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    chunk_bytes = np.prod(GIANT_CHUNKS) * 4
+    touched = _touched_chunks(boxes, scale, sr, pooled)
+    read = {(y, x) for _, y, x in generated}
+    print(f"\ngiant map: {len(generated)} chunks generated ({len(read)} locations x 2 channel "
+          f"chunks), {len(touched)} locations hold a tap; peak {peak / chunk_bytes:.1f} chunks "
+          f"({peak / 2**20:.0f} MiB)")
+    assert len(generated) == len(set(generated)) == 2 * len(read)  # each chunk made once
+    assert touched <= read and len(read) <= len(touched) + 2  # the margin may reach a neighbour
+    assert peak < 6 * chunk_bytes
+
+    # every box against the in-memory call on the materialised local patch, in float64
+    for k, box in enumerate(boxes.astype(np.float64)):
+        y0, x0 = (max(0, int(np.floor(v * scale)) - 4) for v in box[[2, 1]])
+        y1, x1 = (min(n, int(np.ceil(v * scale)) + 5) for v, n in zip(box[[4, 3]], GIANT[2:]))
+        if y0 >= y1 or x0 >= x1:  # wholly outside
+            np.testing.assert_array_equal(got[k], 0)
+            continue
+        patch = _giant_values(0, GIANT[1], y0, y1, x0, x1).astype(np.float64)
+        local = box[1:] - np.array([x0, y0, x0, y0]) / scale
+        expected = roialign_cy.roi_align(patch, local[None], pooled, scale, sr, True)
+        np.testing.assert_allclose(got[k], expected[0], rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# random problems (hypothesis); CI replays a fixed set of examples, as in test_properties.py
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", 15)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow], print_blob=True,
+          derandomize=bool(os.environ.get("CI")))
+@given(st.data(), st.booleans(), st.sampled_from(["NCHW", "NHWC"]), st.booleans(),
+       st.sampled_from([-1, 1, 2]), st.sampled_from([0.5, 1.0]))
+def test_random_problems(data, rotated, layout, aligned, sampling_ratio, scale):
+    n, c = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
+    h, w = data.draw(st.integers(2, 30)), data.draw(st.integers(2, 30))
+    chunks = tuple(data.draw(st.integers(1, s)) for s in (n, c, h, w))
+    coord = st.floats(-6.0, 36.0, width=32)
+    k = data.draw(st.integers(0, 6))
+    if rotated:
+        rows = [[data.draw(st.integers(0, n - 1)), data.draw(coord), data.draw(coord),
+                 data.draw(st.floats(0, 30, width=32)), data.draw(st.floats(0, 30, width=32)),
+                 data.draw(st.floats(-180, 180, width=32))] for _ in range(k)]
+    else:
+        rows = []
+        for _ in range(k):
+            (x1, x2), (y1, y2) = (sorted(data.draw(st.tuples(coord, coord))) for _ in range(2))
+            rows.append([data.draw(st.integers(0, n - 1)), x1, y1, x2, y2])
+    boxes = np.array(rows, dtype=np.float64).reshape(k, 6 if rotated else 5)
+    feats = make_features(np.random.default_rng(k), n, c, h, w)
+    x, lazy = _lazy(feats, layout, tuple((s,) * (d // s) + ((d % s,) if d % s else ())
+                                        for s, d in zip(chunks, (n, c, h, w))))
+    fn, lazy_fn = ((roialign_cy.roi_align_rotated, rd.roi_align_rotated) if rotated
+                   else (roialign_cy.roi_align, rd.roi_align))
+    args = (boxes, (2, 3), scale / 2 if rotated else scale, sampling_ratio, aligned)
+    got = lazy_fn(lazy, *args, layout=layout, boxes_per_task=2, max_region_pixels=64)
+    np.testing.assert_allclose(got.compute(**SYNC), fn(x, *args, layout=layout), **TOL[np.float64])
