@@ -14,18 +14,23 @@ Plan (at call time, on the host, in numpy):
 3. Group boxes by image and by the tiles of the map their regions start and end in (tiles are
    runs of chunks at least ``_MIN_TILE`` pixels wide): a group's region is the union of its boxes'
    regions, so a task reads the few chunks its boxes need, and a chunk is read by the tasks of
-   the groups over it and of the boxes that straddle its borders. Groups hold at most
-   ``boxes_per_task`` boxes and a region of at most ``max_region_pixels`` pixels (split further
-   when the union grows past it).
+   the groups over it and of the boxes that straddle its borders (dask computes or reads each
+   chunk once and hands it to all of them). Groups hold at most ``boxes_per_task`` boxes and a
+   region of at most ``max_region_pixels`` pixels (split further when the union grows past it).
 4. A box whose own region exceeds ``max_region_pixels`` is pooled alone, from the chunks that hold
-   the taps of its samples only: its region is allocated zero-filled (numpy's zeros come from
-   calloc, so the pages that no chunk is copied into are never committed) and only those chunks
-   are copied in. Such boxes have sparse samples: a dense grid of that size is refused by
-   ``max_samples_per_bin``. With CuPy blocks that region is really allocated.
-5. Each task calls the in-memory kernel on its region (one channel chunk) with the boxes shifted
-   into it exactly (see ``roialign_cy._regions``): results equal the whole-map call to a few ulps
-   of the map coordinates, and a second layer of tasks puts the rows back in box order.
+   the taps of its samples only. Such boxes have sparse samples (a dense grid of that size is
+   refused by ``max_samples_per_bin``): their region is zero-filled through calloc, so the pages
+   that no chunk is copied into are never committed (a CuPy region is really allocated).
+5. Each task assembles its region (one image, one channel chunk): a region inside one chunk is
+   the block itself when the block is C-contiguous (no copy; any rectangle that holds a valid
+   region is valid); otherwise the pieces are copied, only the boxes' own regions when they cover
+   less than half of the union (boxes along a chunk border). It calls the in-memory kernel with
+   the boxes shifted into the region exactly (see ``roialign_cy._regions``): results equal the
+   whole-map call to a few ulps of the map coordinates. A second layer of tasks puts the rows
+   back in box order, in output chunks of ``boxes_per_task`` consecutive boxes.
 """
+from types import SimpleNamespace
+
 import numpy as np
 import dask.array as da
 from dask.base import tokenize
@@ -138,7 +143,7 @@ class _Plan:
 
     def __init__(self, features, rois, batch_idx, p, backend, boxes_per_task, max_pixels):
         self.features, self.p, self.backend = features, p, backend
-        self.batch_idx = batch_idx
+        self.rois, self.batch_idx = rois, batch_idx
         self.boxes_per_task, self.max_pixels = boxes_per_task, max_pixels
         axes = (0, 3, 1, 2) if p.channels_last else (0, 1, 2, 3)  # n, c, h, w
         self.axes = axes
@@ -232,16 +237,16 @@ class _Plan:
         bi = int(np.searchsorted(self.edges[0], n, "right") - 1)
         return bi, slice(n - self.edges[0][bi], n - self.edges[0][bi] + 1)
 
-    def _pieces(self, g, members, region, ci):
-        """Block keys, source indices (in the block) and destinations (in the region) of what to
-        copy into one region, and whether that leaves parts of the region unwritten.
+    def _pieces(self, g, members, region):
+        """What to copy into one region: the (row, column) chunk of each piece, its index in the
+        block and in the region, and whether the pieces leave parts of the region unwritten.
 
         A dense group copies its region; a group whose boxes cover under half of it (boxes along
         a chunk border, say) copies their own regions only; a sparse box the chunks holding its
         taps only. Nothing reads the pixels left unwritten (see ``_pool_region``)."""
         y0, y1, x0, x1 = region
-        bi, image = self._image(members)
-        ey, ex, name = self.edges[2], self.edges[3], self.features.name
+        image = self._image(members)[1]
+        ey, ex = self.edges[2], self.edges[3]
         if self.sparse[g]:
             rects = [(a, b, region) for a, b in self._needed_chunks(int(members[0]))]
         else:
@@ -251,45 +256,51 @@ class _Plan:
                 boxes = [region]
             rects = [(a, b, r) for r in boxes for a in self._chunk_span(2, r[0], r[1])
                      for b in self._chunk_span(3, r[2], r[3])]
-        keys, srcs, dsts, area = [], [], [], 0
+        chunks, srcs, dsts, area = [], [], [], 0
         for a, b, (r0, r1, c0, c1) in rects:
             ys = slice(max(r0, ey[a]), min(r1, ey[a + 1]))
             xs = slice(max(c0, ex[b]), min(c1, ex[b + 1]))
             area += (ys.stop - ys.start) * (xs.stop - xs.start)
             src_y, src_x = _offset(ys, ey[a]), _offset(xs, ex[b])
             dst_y, dst_x = _offset(ys, y0), _offset(xs, x0)
+            chunks.append((a, b))
             if self.p.channels_last:
-                keys.append((name, bi, a, b, ci))
                 srcs.append((image, src_y, src_x))
                 dsts.append((slice(None), dst_y, dst_x))
             else:
-                keys.append((name, bi, ci, a, b))
                 srcs.append((image, slice(None), src_y, src_x))
                 dsts.append((slice(None), slice(None), dst_y, dst_x))
-        return keys, srcs, dsts, area != (y1 - y0) * (x1 - x0)
+        return chunks, srcs, dsts, area != (y1 - y0) * (x1 - x0)
+
+    def _key(self, bi, a, b, ci):
+        if self.p.channels_last:
+            return (self.features.name, bi, a, b, ci)
+        return (self.features.name, bi, ci, a, b)
 
     def array(self, op):
         p, features = self.p, self.features
         n_chan = features.chunks[self.axes[1]]
-        token = tokenize(features.name, self.geom.anchor, self.regions, self.batch_idx, p,
-                         self.boxes_per_task, self.max_pixels, self.backend)
+        token = tokenize(features.name, self.rois, self.batch_idx, p, self.boxes_per_task,
+                         self.max_pixels, self.backend)
         pool_name, name = f"{op}-regions-{token}", f"{op}-{token}"
         call = _Call(op, p, self.backend, features.dtype)
         dsk, where = {}, np.full((len(self.batch_idx), 2), -1, np.int64)  # box -> (group, row)
         for g, members in enumerate(self.groups):
             where[members, 0], where[members, 1] = g, np.arange(members.size)
             y0, y1, x0, x1 = (int(c) for c in self._union(members))
-            rois = self.geom.shifted(members, y0, x0)
-            exact = self.geom.exact[members]
+            chunks, srcs, dsts, partial = self._pieces(g, members, (y0, y1, x0, x1))
+            # task arguments in one opaque object: dask need not walk them looking for keys
+            task = SimpleNamespace(srcs=srcs, dsts=dsts, extent=(y1 - y0, x1 - x0),
+                                   partial=partial, rois=self.geom.shifted(members, y0, x0),
+                                   exact=self.geom.exact[members], whole=None, call=call)
             chunk = self._single_chunk(g, y0, y1, x0, x1)
+            if chunk is not None:  # any rectangle holding a valid region is valid
+                task.whole = ((self._image(members)[1],),
+                              self.geom.moved(y0 - chunk[0], x0 - chunk[2]))
+            bi = self._image(members)[0]
             for ci, c in enumerate(n_chan):
-                keys, srcs, dsts, partial = self._pieces(g, members, (y0, y1, x0, x1), ci)
-                shape = (1, y1 - y0, x1 - x0, c) if p.channels_last else (1, c, y1 - y0, x1 - x0)
-                whole = None
-                if chunk is not None:  # any rectangle holding a valid region is valid
-                    whole = ((self._image(members)[1],), self.geom.moved(y0 - chunk[0], x0 - chunk[2]))
-                dsk[(pool_name, g, ci)] = (_pool_region, keys, srcs, dsts, shape, partial,
-                                           rois, exact, call, whole)
+                dsk[(pool_name, g, ci)] = (_pool_region, [self._key(bi, a, b, ci) for a, b in chunks],
+                                           task, c)
         k = len(self.batch_idx)
         k_chunks = tuple(min(self.boxes_per_task, k - a)
                          for a in range(0, k, self.boxes_per_task)) or (0,)
@@ -297,12 +308,12 @@ class _Plan:
         for j in range(len(k_chunks)):
             w = where[starts[j]:starts[j + 1]]
             parts = np.unique(w[w[:, 0] >= 0, 0]).tolist()
-            rows = [w[w[:, 0] == g, 1] for g in parts]
-            dsts = [np.flatnonzero(w[:, 0] == g) for g in parts]
+            task = SimpleNamespace(rows=[w[w[:, 0] == g, 1] for g in parts],
+                                   dsts=[np.flatnonzero(w[:, 0] == g) for g in parts],
+                                   size=k_chunks[j], call=call)
             for ci, c in enumerate(n_chan):
                 dsk[(name,) + _out_index(j, ci, p)] = (
-                    _gather, [(pool_name, g, ci) for g in parts], rows, dsts,
-                    _out_shape(k_chunks[j], c, p), call)
+                    _gather, [(pool_name, g, ci) for g in parts], task, c)
         chunks = ((k_chunks, (p.pooled_h,), (p.pooled_w,), n_chan) if p.channels_last
                   else (k_chunks, n_chan, (p.pooled_h,), (p.pooled_w,)))
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[features])
@@ -350,45 +361,49 @@ class _Call:
                              aligned, mode=p.mode, **kw)
 
 
-def _pool_region(blocks, srcs, dsts, shape, partial, rois, exact, call, whole):
-    """Task: assemble one region from its blocks and pool the group's boxes from it.
+def _pool_region(blocks, task, channels):
+    """Task: assemble one region of ``channels`` channels from its blocks and pool the group's
+    boxes from it.
 
-    ``whole`` (a region inside one chunk): (index of the whole chunk in the block, what to add to
-    ``rois`` for that origin); when that view is C-contiguous, as blocks read from a store are,
-    the kernel pools from the block itself and nothing is copied. Otherwise the pieces are
-    copied into a new region; a ``partial`` one (pieces that do not cover it) is zero-filled
-    first: numpy's zeros come from calloc, so the large pages never written are never committed,
-    and the kernels' reads with weight 0 (row 0 and column 0, for samples outside the map along
-    one axis) see zeros. ``exact`` rows go through aligned=False (their coordinates are the
-    kernel's starts, exact), the others through aligned=True (see ``roialign_cy._regions``)."""
+    ``task.whole`` (a region inside one chunk): (index of the whole chunk in the block, what to
+    add to the boxes for that origin); when that view is C-contiguous, as blocks read from a
+    store are, the kernel pools from the block itself and nothing is copied. Otherwise the
+    pieces are copied into a new region; a ``partial`` one (pieces that do not cover it) is
+    zero-filled first: numpy's zeros come from calloc, so the large pages never written are never
+    committed, and the kernels' reads with weight 0 (row 0 and column 0, for samples outside the
+    map along one axis) see zeros. ``task.exact`` rows go through aligned=False (their
+    coordinates are the kernel's starts, exact), the others through aligned=True (see
+    ``roialign_cy._regions``)."""
+    call, rois = task.call, task.rois
     xp = v.xp_of(call.backend)
-    view = blocks[0][whole[0]] if whole is not None else None
+    view = blocks[0][task.whole[0]] if task.whole is not None else None
     if view is not None and view.flags.c_contiguous:
-        region, rois = view, rois + whole[1]
+        region, rois = view, rois + task.whole[1]
     else:
-        region = (xp.zeros if partial else xp.empty)(shape, call.dtype)
-        for block, src, dst in zip(blocks, srcs, dsts):
+        shape = (1,) + task.extent + (channels,) if call.p.channels_last else \
+            (1, channels) + task.extent
+        region = (xp.zeros if task.partial else xp.empty)(shape, call.dtype)
+        for block, src, dst in zip(blocks, task.srcs, task.dsts):
             region[dst] = block[src]
-    rois = xp.asarray(rois)
+    rois, exact = xp.asarray(rois), task.exact
     if exact.all() or not exact.any():
         return call(region, rois, not bool(exact.all()))
-    out = xp.empty(_out_shape(len(exact), region.shape[3] if call.p.channels_last else
-                              region.shape[1], call.p), call.dtype)
+    out = xp.empty(_out_shape(len(exact), channels, call.p), call.dtype)
     for flag in (True, False):
         sel = xp.asarray(np.flatnonzero(exact == flag))
         out[sel] = call(region, rois[sel], not flag)
     return out
 
 
-def _gather(parts, rows, dsts, shape, call):
-    """Task: the output rows of consecutive boxes from the group results (0 for boxes that read
-    nothing)."""
-    xp = v.xp_of(call.backend)
-    if len(parts) == 1 and len(rows[0]) == shape[0] == parts[0].shape[0] and \
-            np.array_equal(rows[0], dsts[0]):
+def _gather(parts, task, channels):
+    """Task: the output rows of ``task.size`` consecutive boxes from the group results (0 for
+    boxes that read nothing)."""
+    xp = v.xp_of(task.call.backend)
+    if len(parts) == 1 and len(task.rows[0]) == task.size == parts[0].shape[0] and \
+            np.array_equal(task.rows[0], task.dsts[0]):
         return parts[0]  # the group is these boxes, in order
-    out = xp.zeros(shape, call.dtype)
-    for part, r, d in zip(parts, rows, dsts):
+    out = xp.zeros(_out_shape(task.size, channels, task.call.p), task.call.dtype)
+    for part, r, d in zip(parts, task.rows, task.dsts):
         out[xp.asarray(d)] = part[xp.asarray(r)]
     return out
 
