@@ -124,8 +124,9 @@ class Geometry:
     def shifted(self, boxes, y0, x0):
         """Boxes ``boxes`` (indices) in the coordinates of regions with origins y0, x0 (arrays or
         scalars), as float64 rows for a call with spatial_scale=1: aligned=False rows where
-        ``exact``, aligned=True rows (the half pixel added back) elsewhere. Every value is
-        representable in T, so the call's cast to T is exact."""
+        ``exact``, aligned=True rows (the half pixel added back) elsewhere. The aligned=False
+        rows hold values of T (the call's cast to T is exact); the others are exact whenever
+        start + 0.5 is representable in T, always when the origin is > 0 (start < 2**23)."""
         origin = np.stack(np.broadcast_arrays(y0, x0), axis=-1).astype(np.float64)
         half = np.where(self.exact[boxes], 0.0, 0.5)[:, None]
         if self.p.rotated:
@@ -151,7 +152,8 @@ class Geometry:
             ys, xs = self._rotated_samples(k)
             ok = (ys >= -1 - MARGIN) & (ys <= height + MARGIN) & (xs >= -1 - MARGIN) & \
                  (xs <= width + MARGIN)
-            pix = np.stack([_taps(ys[ok], height), _taps(xs[ok], width)], axis=-1)
+            rows, cols = _taps(ys[ok], height)[:, :, None], _taps(xs[ok], width)[:, None, :]
+            pix = np.stack(np.broadcast_arrays(rows, cols), axis=-1)  # every row x every column
             return np.unique(pix.reshape(-1, 2), axis=0)
         ys = _samples(self.start[k, 0], self._size(k, 0), p.pooled_h, self.gh[k])
         xs = _samples(self.start[k, 1], self._size(k, 1), p.pooled_w, self.gw[k])

@@ -283,6 +283,7 @@ class _Plan:
         token = tokenize(features.name, self.rois, self.batch_idx, p, self.boxes_per_task,
                          self.max_pixels, self.backend)
         pool_name, name = f"{op}-regions-{token}", f"{op}-{token}"
+        cut_name = f"{op}-pieces-{token}"
         call = _Call(op, p, self.backend, features.dtype)
         dsk, where = {}, np.full((len(self.batch_idx), 2), -1, np.int64)  # box -> (group, row)
         for g, members in enumerate(self.groups):
@@ -294,13 +295,25 @@ class _Plan:
                                    partial=partial, rois=self.geom.shifted(members, y0, x0),
                                    exact=self.geom.exact[members], whole=None, call=call)
             chunk = self._single_chunk(g, y0, y1, x0, x1)
+            bi, image = self._image(members)
             if chunk is not None:  # any rectangle holding a valid region is valid
-                task.whole = ((self._image(members)[1],),
-                              self.geom.moved(y0 - chunk[0], x0 - chunk[2]))
-            bi = self._image(members)[0]
+                task.whole = ((image,), self.geom.moved(y0 - chunk[0], x0 - chunk[2]))
+                for ci, c in enumerate(n_chan):
+                    dsk[(pool_name, g, ci)] = (_pool_region, [self._key(bi, *chunks[0], ci)],
+                                               task, c)
+                continue
+            # pieces are cut where their chunk lives: a cluster moves the pieces, not the chunks
+            by_chunk = {}
+            for i, ab in enumerate(chunks):
+                by_chunk.setdefault(ab, []).append(i)
+            task.dsts = [dsts[i] for ab in by_chunk for i in by_chunk[ab]]
+            cuts = [SimpleNamespace(srcs=[srcs[i] for i in by_chunk[ab]]) for ab in by_chunk]
             for ci, c in enumerate(n_chan):
-                dsk[(pool_name, g, ci)] = (_pool_region, [self._key(bi, a, b, ci) for a, b in chunks],
-                                           task, c)
+                deps = []
+                for j, (ab, cut) in enumerate(zip(by_chunk, cuts)):
+                    deps.append((cut_name, g, j, ci))
+                    dsk[deps[-1]] = (_cut, self._key(bi, *ab, ci), cut)
+                dsk[(pool_name, g, ci)] = (_pool_region, deps, task, c)
         k = len(self.batch_idx)
         k_chunks = tuple(min(self.boxes_per_task, k - a)
                          for a in range(0, k, self.boxes_per_task)) or (0,)
@@ -361,30 +374,37 @@ class _Call:
                              aligned, mode=p.mode, **kw)
 
 
-def _pool_region(blocks, task, channels):
-    """Task: assemble one region of ``channels`` channels from its blocks and pool the group's
-    boxes from it.
+def _cut(block, cut):
+    """Task: the pieces ``cut.srcs`` of one block (views: nothing is copied on one machine)."""
+    return [block[src] for src in cut.srcs]
 
-    ``task.whole`` (a region inside one chunk): (index of the whole chunk in the block, what to
-    add to the boxes for that origin); when that view is C-contiguous, as blocks read from a
-    store are, the kernel pools from the block itself and nothing is copied. Otherwise the
-    pieces are copied into a new region; a ``partial`` one (pieces that do not cover it) is
-    zero-filled first: numpy's zeros come from calloc, so the large pages never written are never
-    committed, and the kernels' reads with weight 0 (row 0 and column 0, for samples outside the
-    map along one axis) see zeros. ``task.exact`` rows go through aligned=False (their
-    coordinates are the kernel's starts, exact), the others through aligned=True (see
-    ``roialign_cy._regions``)."""
+
+def _pool_region(blocks, task, channels):
+    """Task: assemble one region of ``channels`` channels and pool the group's boxes from it.
+
+    ``blocks``: the block holding the region when ``task.whole`` is set (a region inside one
+    chunk), else the lists of pieces cut from each block (``_cut``). ``task.whole``: (index of the
+    whole chunk in the block, what to add to the boxes for that origin); when that view is
+    C-contiguous, as blocks read from a store are, the kernel pools from the block itself and
+    nothing is copied. Otherwise the pieces are copied into a new region; a ``partial`` one
+    (pieces that do not cover it) is zero-filled first: numpy's zeros come from calloc, so the
+    large pages never written are never committed, and the kernels' reads with weight 0 (row 0
+    and column 0, for samples outside the map along one axis) see zeros. ``task.exact`` rows go
+    through aligned=False (their coordinates are the kernel's starts, exact), the others through
+    aligned=True (see ``roialign_cy._regions``)."""
     call, rois = task.call, task.rois
     xp = v.xp_of(call.backend)
     view = blocks[0][task.whole[0]] if task.whole is not None else None
     if view is not None and view.flags.c_contiguous:
         region, rois = view, rois + task.whole[1]
     else:
+        pieces = ([blocks[0][src] for src in task.srcs] if view is not None
+                  else [piece for cut in blocks for piece in cut])
         shape = (1,) + task.extent + (channels,) if call.p.channels_last else \
             (1, channels) + task.extent
         region = (xp.zeros if task.partial else xp.empty)(shape, call.dtype)
-        for block, src, dst in zip(blocks, task.srcs, task.dsts):
-            region[dst] = block[src]
+        for piece, dst in zip(pieces, task.dsts):
+            region[dst] = piece
     rois, exact = xp.asarray(rois), task.exact
     if exact.all() or not exact.any():
         return call(region, rois, not bool(exact.all()))

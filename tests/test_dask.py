@@ -206,6 +206,17 @@ def test_huge_box_reads_only_its_sample_chunks(rng):
                                roialign_cy.roi_align_rotated(feats, rot, 2, 1.0, 1), **TOL[np.float64])
 
 
+
+def test_sparse_rotated_box_on_pixel_chunks():
+    """One-pixel chunks: a sparse box must read every row x column of its taps (found by
+    hypothesis: the tap rows and columns were paired, not crossed)."""
+    feats = make_features(np.random.default_rng(1), 1, 1, 7, 10)
+    boxes = np.array([[0, 17.0, 9.0, 25.0, 17.0, 0.0]])
+    lazy = da.from_array(feats, chunks=1)
+    got = rd.roi_align_rotated(lazy, boxes, (2, 3), 0.25, -1, False, max_region_pixels=16)
+    np.testing.assert_allclose(got.compute(**SYNC), roialign_cy.roi_align_rotated(
+        feats, boxes, (2, 3), 0.25, -1, False), **TOL[np.float64])
+
 def test_tasks_carry_only_their_boxes(rng):
     lazy = da.from_array(FEATURES, chunks=(1, 5, 30, 40))
     boxes = random_boxes(rng, 200, N, H, W, SCALE)
