@@ -150,6 +150,24 @@ def test_rotated_adaptive_and_unaligned_tiny(rng):
             got, roialign_cy.roi_align_rotated(feats, boxes, 3, 1.0, -1, aligned), **TOL[np.float64])
 
 
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_float32_bit_identical_where_rounding_agrees(rng, aligned, sampling_ratio):
+    """The shift is exact: boxes whose regions start at the map's origin give bit-identical
+    float32 results (same arithmetic), and so do boxes anywhere whose sample coordinates are
+    exactly representable (multiples of 1/16 here), whatever region origin they get."""
+    feats = make_features(rng, 1, 3, 96, 96).astype(np.float32)
+    lazy = da.from_array(feats, chunks=(1, 3, 40, 40)).map_blocks(np.ascontiguousarray)
+    near_origin = random_boxes(rng, 30, 1, 30, 30)
+    corner = np.round(rng.uniform(0, 80, size=(30, 2)) * 16) / 16
+    size = 4 * rng.integers(1, 4, size=(30, 2))  # bins of 1 to 3 px: every step dyadic
+    dyadic = np.column_stack([np.zeros(30), corner, corner + size]).astype(np.float32)
+    for boxes in (near_origin, dyadic):
+        got = rd.roi_align(lazy, boxes, 4, 1.0, sampling_ratio, aligned, boxes_per_task=7)
+        np.testing.assert_array_equal(
+            got.compute(**SYNC), roialign_cy.roi_align(feats, boxes, 4, 1.0, sampling_ratio, aligned))
+
 def test_box_forms_and_empty():
     lazy = da.from_array(FEATURES, chunks=(2, 3, 30, 40))
     sorted_boxes = sort_by_image(BOXES[:14])
