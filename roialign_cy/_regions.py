@@ -28,6 +28,8 @@ import math
 
 import numpy as np
 
+from ._cpu import _roi_align, _roi_align_rotated
+
 # Pixels of slack beyond the bilinear taps on a region side inside the map: covers the host's
 # float64 estimate of the sample extent against the kernel's rounding in T.
 MARGIN = 1
@@ -194,8 +196,6 @@ def _taps(c, size):
 
 def geometry(rois, p):
     """Geometry of validated rois (dtype T) under OpParams p, grids from the CPU kernels."""
-    from ._cpu import _roi_align, _roi_align_rotated
-
     kernels = _roi_align_rotated if p.rotated else _roi_align
     gh, gw = kernels.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
                                 p.sampling_ratio, p.aligned)
