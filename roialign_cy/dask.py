@@ -72,10 +72,10 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     boxes_per_task : int
         At most this many boxes per task, and the output's chunk size along K.
     max_region_pixels : int
-        Bound on the pixels (rows x columns) of one task's region; each task holds its region
-        for one channel chunk: max_region_pixels x channels per chunk x itemsize bytes. A box
-        whose own region is larger is pooled alone from the chunks its samples touch (see the
-        module docstring).
+        Bound on the pixels (rows x columns) of the region a task assembles, for one channel
+        chunk: at most max_region_pixels x channels per chunk x itemsize bytes besides its input
+        blocks (a region inside one block is that block, not a copy). A box whose own region is
+        larger is pooled alone from the chunks its samples touch (see the module docstring).
 
     Returns
     -------

@@ -91,7 +91,7 @@ def _nchw(out, layout):
 
 
 @pytest.mark.parametrize("chunk_seed", range(3))
-@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("mode", ["avg", "max", "onnx_max"])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
