@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from ._cpu import _roi_align, _roi_align_rotated
+from . import _cpu
 
 # Pixels of slack beyond the bilinear taps on a region side inside the map: covers the host's
 # float64 estimate of the sample extent against the kernel's rounding in T.
@@ -195,8 +195,5 @@ def _taps(c, size):
 
 
 def geometry(rois, p):
-    """Geometry of validated rois (dtype T) under OpParams p, grids from the CPU kernels."""
-    kernels = _roi_align_rotated if p.rotated else _roi_align
-    gh, gw = kernels.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
-                                p.sampling_ratio, p.aligned)
-    return Geometry(rois, p, gh, gw)
+    """Geometry of validated rois (dtype T) under OpParams p, grids by the kernels' own rule."""
+    return Geometry(rois, p, *_cpu.grid_sizes(rois, p))

@@ -129,12 +129,15 @@ def _lazy(op, features, boxes, batch_indices, backend, boxes_per_task, max_regio
     v.features(features._meta, kw["layout"], backend)  # dtype and rank, the in-memory messages
     boxes_per_task = v.check_int("boxes_per_task", boxes_per_task, minimum=1)
     max_region_pixels = v.check_int("max_region_pixels", max_region_pixels, minimum=1)
-    _, _, shape, rois, batch_idx, _, p = _api._prepare(
+    # the in-memory validation, on the host (float16 features, CuPy only, have float32 boxes)
+    checked, _ = _api._prepare(
         op, features.shape, _host(boxes), _host(batch_indices), kw["output_size"],
         kw["spatial_scale"], kw["sampling_ratio"], kw["aligned"], kw["mode"], kw["layout"],
         "cpu", kw["n_threads"], kw["max_samples_per_bin"], clockwise=kw.get("clockwise", False),
-        shape_only_dtype=features.dtype, allow_inverted=kw["allow_inverted"])
-    plan = _Plan(features, rois, batch_idx, p, backend, boxes_per_task, max_region_pixels)
+        shape_only_dtype=np.float32 if features.dtype == np.float16 else features.dtype,
+        allow_inverted=kw["allow_inverted"])
+    plan = _Plan(features, checked._rois, checked._batch_idx, checked.params, backend,
+                 boxes_per_task, max_region_pixels)
     return plan.array(op)
 
 
