@@ -3,8 +3,15 @@
 Metadata lives in pyproject.toml; this file only describes the extensions and ships the top-level
 ``cuda/`` sources inside the package as ``roialign_cy/cuda`` so that an installed wheel can compile
 them at run time through CuPy.
+
+On x86-64 the kernel modules are also built for the x86-64-v3 (AVX2, FMA) and x86-64-v4
+(AVX-512) instruction sets, from the one-line ``*_x86_64_v3.pyx``/``*_x86_64_v4.pyx`` shims that
+include the kernel sources; ``roialign_cy._cpu._variants`` picks one at import. A compiler that
+cannot target a level (MSVC, another architecture, an old GCC or Clang) builds the baseline only,
+as does ROIALIGN_CY_BASELINE_ONLY=1.
 """
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -50,20 +57,66 @@ def _openmp_flags(compiler):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# instruction-set variants of the kernel modules: module suffix -> compiler flags (the names and
+# suffixes of roialign_cy/_cpu/_variants.py). No FMA contraction: fusing a * b + c rounds once
+# instead of twice, and the variants would then differ from the baseline (and from one another
+# where the compiler fuses differently) in the last bits; without it every variant computes the
+# baseline's bits, wider vectors doing the same operations.
+KERNELS = ["_roi_align", "_roi_align_rotated"]
+VARIANT_FLAGS = {"_x86_64_v3": ["-march=x86-64-v3", "-ffp-contract=off"],
+                 "_x86_64_v4": ["-march=x86-64-v4", "-ffp-contract=off"]}
+
+
+def _variants_wanted():
+    """Whether to build the x86-64 variants at all: on an x86-64 machine, unless told not to."""
+    return (os.environ.get("ROIALIGN_CY_BASELINE_ONLY") != "1"
+            and platform.machine().lower() in ("x86_64", "amd64"))
+
+
+def _compiles_with(compiler, flags):
+    """Whether the compiler builds a C file with these flags (e.g. knows -march=x86-64-v4)."""
+    tmp = tempfile.mkdtemp()
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("int roialign_probe(int x) { return x + 1; }\n")
+        compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class BuildExt(build_ext):
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:  # pip builds: compile the extensions side by side
+            self.parallel = True
+
     def build_extensions(self):
         compile_args, link_args = _openmp_flags(self.compiler)
         opt = [] if self.compiler.compiler_type == "msvc" else ["-O3", "-fno-math-errno"]
+        kept = []
         for ext in self.extensions:
-            ext.extra_compile_args = opt + compile_args + ext.extra_compile_args
+            isa = next((f for s, f in VARIANT_FLAGS.items() if ext.name.endswith(s)), [])
+            if isa and (self.compiler.compiler_type == "msvc"
+                        or not _compiles_with(self.compiler, isa)):
+                print(f"roialign_cy: the compiler cannot target {isa}; not building {ext.name}",
+                      file=sys.stderr)
+                continue
+            ext.extra_compile_args = opt + isa + compile_args + ext.extra_compile_args
             ext.extra_link_args = link_args + ext.extra_link_args
+            kept.append(ext)
+        self.extensions = kept
         super().build_extensions()
 
 
 def _extensions():
     from Cython.Build import cythonize
 
-    names = ["_openmp", "_checks", "_roi_align", "_roi_align_rotated"]
+    suffixes = [""] + (list(VARIANT_FLAGS) if _variants_wanted() else [])
+    names = ["_openmp", "_checks"] + [k + s for s in suffixes for k in KERNELS]
     exts = [
         Extension(
             f"roialign_cy._cpu.{name}",

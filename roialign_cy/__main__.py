@@ -1,7 +1,8 @@
 """Command line: ``python -m roialign_cy {demo,info,bench}`` (also installed as ``roialign-cy``).
 
 demo   pool a few boxes of a built-in synthetic picture, print timings, write a PNG figure
-info   version, OpenMP threads, which backends work here, where the CUDA sources are
+info   version, OpenMP threads, the CPU kernels' instruction set, which backends work here, where
+       the CUDA sources are
 bench  the side-by-side benchmark of a source checkout (benchmarks/bench.py, extra arguments are
        passed on), or a short built-in timing of the forward when run from an installed package
 """
@@ -55,6 +56,8 @@ def cmd_info(args):
         else:
             omp = "serial build (compiled without OpenMP): 1 thread"
         print(f"backend cpu:  available, {omp}")
+        for line in _cpu._variants.describe():
+            print(f"              {line}")
     else:
         print(f"backend cpu:  NOT available: {status['cpu']}")
     if status["cuda"] is None:

@@ -117,6 +117,8 @@ def available_backends():
         status["cpu"] = None
     except ImportError as exc:
         status["cpu"] = f"the Cython extension is not built ({exc})"
+    except RuntimeError as exc:  # ROIALIGN_CY_SIMD names a build this machine cannot run
+        status["cpu"] = f"RuntimeError: {exc}"
     try:
         import cupy
 

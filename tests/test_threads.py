@@ -173,17 +173,23 @@ def _all_operators(x, boxes, rboxes, layout, sampling_ratio, n_threads):
 # shapes that steer the CPU backend down each of its loop orders: few planes and many samples
 # per pixel (blocks of planes copied to channels-last scratch), many planes (split over planes),
 # one image with few channels (boxes split over threads)
-@pytest.mark.parametrize("N,C,H,W,K", [(1, 16, 6, 7, 40), (2, 20, 5, 5, 60), (1, 3, 30, 30, 5),
-                                       (3, 40, 12, 10, 50)])
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_thread_count_does_not_change_results(N, C, H, W, K, layout, dtype):
+LOOP_ORDER_SHAPES = [(1, 16, 6, 7, 40), (2, 20, 5, 5, 60), (1, 3, 30, 30, 5), (3, 40, 12, 10, 50)]
+
+
+def loop_order_inputs(N, C, H, W, K, layout, dtype):
+    """(features in ``layout``, boxes, rotated boxes) of one of LOOP_ORDER_SHAPES."""
     rng = np.random.default_rng(N * 1000 + C)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     boxes = random_boxes(rng, K, N, H, W, 0.5).astype(dtype)
     rboxes = random_rotated_boxes(rng, K, N, H, W, 0.5).astype(dtype)
-    if layout == "NHWC":
-        x = to_nhwc(x)
+    return (to_nhwc(x) if layout == "NHWC" else x), boxes, rboxes
+
+
+@pytest.mark.parametrize("N,C,H,W,K", LOOP_ORDER_SHAPES)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_count_does_not_change_results(N, C, H, W, K, layout, dtype):
+    x, boxes, rboxes = loop_order_inputs(N, C, H, W, K, layout, dtype)
     for sampling_ratio in [-1, 2]:
         ref = _all_operators(x, boxes, rboxes, layout, sampling_ratio, 1)
         for n_threads in [2, 3, 4]:

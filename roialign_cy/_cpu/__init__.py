@@ -23,8 +23,11 @@ import threading
 import numpy as np
 
 try:
-    from . import _roi_align, _roi_align_rotated
     from ._openmp import effective_n_threads as _openmp_threads, openmp_enabled
+    from ._variants import kernels as _kernels
+
+    # the build for the best instruction set this CPU runs (or $ROIALIGN_CY_SIMD): _variants
+    _roi_align, _roi_align_rotated = _kernels()
 except ImportError as exc:
     _here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.exists(os.path.join(_here, "_roi_align.pyx")):

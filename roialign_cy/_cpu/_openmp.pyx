@@ -1,4 +1,6 @@
-"""How many threads OpenMP will really use, respecting an explicit request."""
+"""How many threads OpenMP will really use, respecting an explicit request; and what the CPU
+can execute (CPUID and XCR0, decoded by ``_variants``), since this module is built for the
+baseline instruction set on every platform."""
 import os
 
 cdef extern from *:
@@ -30,3 +32,52 @@ def effective_n_threads(n_threads=None):
         return max(1, omp_get_max_threads())
     # more threads than this only costs thread creation (and can exhaust the process's limits)
     return min(int(n_threads), 4 * (os.cpu_count() or 1))
+
+
+cdef extern from *:
+    """
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    #include <cpuid.h>
+    #define ROIALIGN_HAVE_CPUID 1
+    /* all zero for a leaf beyond the CPU's highest one */
+    static void roialign_cpuid(unsigned leaf, unsigned subleaf, unsigned* r) {
+        r[0] = r[1] = r[2] = r[3] = 0;
+        __get_cpuid_count(leaf, subleaf, &r[0], &r[1], &r[2], &r[3]);
+    }
+    /* XCR0: the register states the OS saves (and so enables); 0 when the OS does not say
+       (OSXSAVE clear), since xgetbv would then fault */
+    static unsigned long long roialign_xcr0(void) {
+        unsigned r[4], lo, hi;
+        roialign_cpuid(1, 0, r);
+        if (!(r[2] & (1u << 27)))
+            return 0;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        return ((unsigned long long)hi << 32) | lo;
+    }
+    #else
+    /* other architectures and compilers run the baseline kernels only */
+    #define ROIALIGN_HAVE_CPUID 0
+    static void roialign_cpuid(unsigned leaf, unsigned subleaf, unsigned* r) {
+        r[0] = r[1] = r[2] = r[3] = 0;
+    }
+    static unsigned long long roialign_xcr0(void) { return 0; }
+    #endif
+    """
+    int ROIALIGN_HAVE_CPUID
+    void roialign_cpuid(unsigned leaf, unsigned subleaf, unsigned* r) noexcept nogil
+    unsigned long long roialign_xcr0() noexcept nogil
+
+
+def x86_cpuid(unsigned leaf, unsigned subleaf=0):
+    """(eax, ebx, ecx, edx) of CPUID leaf/subleaf on x86 (zeros past the highest leaf); None
+    where this build cannot ask (another architecture, MSVC)."""
+    cdef unsigned r[4]
+    if not ROIALIGN_HAVE_CPUID:
+        return None
+    roialign_cpuid(leaf, subleaf, r)
+    return (r[0], r[1], r[2], r[3])
+
+
+def x86_xcr0():
+    """XCR0, the register states the OS enables (0 when it does not say, or off x86)."""
+    return roialign_xcr0()
