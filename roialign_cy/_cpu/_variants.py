@@ -1,16 +1,15 @@
 """Which build of the CPU kernels runs: the instruction set is chosen at import.
 
 On x86-64 (GCC or Clang) the wheel carries the kernel modules three times: ``baseline`` (the
-SSE2 every x86-64 CPU has), ``x86-64-v3`` (AVX2, FMA; compiled with ``-march=x86-64-v3``) and
+SSE2 every x86-64 CPU has), ``x86-64-v3`` (AVX2; compiled with ``-march=x86-64-v3``) and
 ``x86-64-v4`` (AVX-512 F/BW/CD/DQ/VL). Elsewhere, and where the compiler lacks those levels,
-only the baseline is built. The import takes the highest level that is built and that the CPU
+only the baseline is built (setup.py). The import takes the highest level that is built and that the CPU
 and the OS both support (CPUID bits and the register states the OS saves, XCR0), unless
 ``ROIALIGN_CY_SIMD`` names one: ``baseline`` (or another built level) is then used, or refused
 with a RuntimeError when this CPU cannot run it or it was not built.
 
-Variants compute the same formulas; the x86-64-v3/v4 builds fuse a * b + c into one rounding
-(FMA contraction), so their results may differ from the baseline's in the last bits (README,
-"Instruction sets"). Within a variant results do not depend on the thread count.
+Variants are compiled without FMA contraction, so they compute the baseline's bits with wider
+vectors: which one runs changes the speed only (README, "Instruction sets").
 """
 import importlib
 import importlib.util
