@@ -52,7 +52,7 @@ def test_detection_agrees_with_the_kernel():
     detected = _variants.cpu_features()
     # Linux lists a flag only when the CPU has it and the kernel supports it
     assert {f for f in _variants._CPUID if f in flags} <= detected
-    for v in ("x86-64-v3", "x86-64-v4"):
+    for v in ("x86-64-v3",):
         assert (not _variants.missing(v)) == (set(_variants._LEVEL_FEATURES[v]) <= flags), v
 
 
@@ -67,14 +67,14 @@ def test_choice_refuses_what_cannot_run(monkeypatch):
     assert _variants.choose(" Baseline ") == "baseline"
     with pytest.raises(RuntimeError, match="ROIALIGN_CY_SIMD='avx9' names no instruction-set"):
         _variants.choose("avx9")
-    # a CPU without AVX-512: x86-64-v4 is refused by name and passed over by default
+    # a CPU without AVX2: x86-64-v3 is refused by name and passed over by default
     monkeypatch.setattr(_variants, "built", lambda: list(_variants.VARIANTS))
     monkeypatch.setattr(_variants, "missing",
-                        lambda v: ["avx512bw", "avx512vl"] if v == "x86-64-v4" else [])
-    with pytest.raises(RuntimeError, match=r"cannot run the x86-64-v4 kernels \(it lacks avx512bw, "
-                                           r"avx512vl\); it can run: x86-64-v3, baseline"):
-        _variants.choose("x86-64-v4")
-    assert _variants.choose("") == "x86-64-v3"
+                        lambda v: ["avx2", "bmi2"] if v == "x86-64-v3" else [])
+    with pytest.raises(RuntimeError, match=r"cannot run the x86-64-v3 kernels \(it lacks avx2, "
+                                           r"bmi2\); it can run: baseline"):
+        _variants.choose("x86-64-v3")
+    assert _variants.choose("") == "baseline"
     # an installation built without the x86-64 levels
     monkeypatch.setattr(_variants, "built", lambda: ["baseline"])
     with pytest.raises(RuntimeError, match="has no x86-64-v3 build"):
@@ -85,8 +85,8 @@ def test_choice_refuses_what_cannot_run(monkeypatch):
 def test_os_support_is_required(monkeypatch):
     if _variants.cpu_features() is None:
         pytest.skip("not an x86 build: no CPUID")
-    monkeypatch.setattr(_openmp, "x86_xcr0", lambda: 0x7)  # AVX state on, AVX-512 state off
-    lack = _variants.missing("x86-64-v4")
+    monkeypatch.setattr(_openmp, "x86_xcr0", lambda: 0x3)  # SSE state on, AVX state off
+    lack = _variants.missing("x86-64-v3")
     assert lack and all(f in _variants.cpu_features() for f in lack[:-1])
     assert lack[-1].startswith("OS support")
     monkeypatch.setattr(_openmp, "x86_cpuid", lambda leaf, subleaf=0: None)  # not x86

@@ -1,8 +1,8 @@
 """Which build of the CPU kernels runs: the instruction set is chosen at import.
 
-On x86-64 (GCC or Clang) the wheel carries the kernel modules three times: ``baseline`` (the
-SSE2 every x86-64 CPU has), ``x86-64-v3`` (AVX2; compiled with ``-march=x86-64-v3``) and
-``x86-64-v4`` (AVX-512 F/BW/CD/DQ/VL). Elsewhere, and where the compiler lacks those levels,
+On x86-64 (GCC or Clang) the wheel carries the kernel modules twice: ``baseline`` (the SSE2
+every x86-64 CPU has) and ``x86-64-v3`` (AVX2; compiled with ``-march=x86-64-v3``; AVX-512 was
+measured no faster, see benchmarks/results/2026-11-29-cpu-2core-simd.txt). Elsewhere, and where the compiler lacks those levels,
 only the baseline is built (setup.py). The import takes the highest level that is built and that the CPU
 and the OS both support (CPUID bits and the register states the OS saves, XCR0), unless
 ``ROIALIGN_CY_SIMD`` names one: ``baseline`` (or another built level) is then used, or refused
@@ -19,8 +19,8 @@ from . import _openmp
 
 ENV = "ROIALIGN_CY_SIMD"
 # highest first; the module suffix each build's kernels carry (setup.py builds the same list)
-VARIANTS = ("x86-64-v4", "x86-64-v3", "baseline")
-SUFFIX = {"baseline": "", "x86-64-v3": "_x86_64_v3", "x86-64-v4": "_x86_64_v4"}
+VARIANTS = ("x86-64-v3", "baseline")
+SUFFIX = {"baseline": "", "x86-64-v3": "_x86_64_v3"}
 KERNELS = ("_roi_align", "_roi_align_rotated")
 
 # CPUID bits of the x86-64 psABI levels: feature -> (leaf, register 0..3 = eax..edx, bit); the
@@ -33,23 +33,17 @@ _CPUID = {
     "fma": (1, 2, 12), "movbe": (1, 2, 22), "xsave": (1, 2, 26), "avx": (1, 2, 28),
     "f16c": (1, 2, 29), "bmi1": (7, 1, 3), "avx2": (7, 1, 5), "bmi2": (7, 1, 8),
     "abm": (0x80000001, 2, 5),  # LZCNT
-    # x86-64-v4
-    "avx512f": (7, 1, 16), "avx512dq": (7, 1, 17), "avx512cd": (7, 1, 28),
-    "avx512bw": (7, 1, 30), "avx512vl": (7, 1, 31),
 }
 _LEVEL_FEATURES = {
     "x86-64-v3": ("pni", "ssse3", "cx16", "sse4_1", "sse4_2", "popcnt", "lahf_lm", "fma", "movbe",
                   "xsave", "avx", "f16c", "bmi1", "avx2", "bmi2", "abm"),
 }
-_LEVEL_FEATURES["x86-64-v4"] = _LEVEL_FEATURES["x86-64-v3"] + (
-    "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl")
 # XCR0 bits the OS must set for the level's registers to survive a context switch: SSE and AVX
-# state (bits 1, 2); AVX-512 adds the opmask and both halves of the ZMM state (bits 5, 6, 7).
-# (macOS enables AVX-512 state only on first use: there x86-64-v4 is not chosen.)
-_LEVEL_XCR0 = {"x86-64-v3": 0x06, "x86-64-v4": 0xE6}
+# state (bits 1, 2)
+_LEVEL_XCR0 = {"x86-64-v3": 0x06}
 
 # what each variant's compiler flags add (for `roialign-cy info`)
-ISA = {"baseline": "SSE2", "x86-64-v3": "AVX2", "x86-64-v4": "AVX-512"}
+ISA = {"baseline": "SSE2", "x86-64-v3": "AVX2"}
 
 # the variant in use, once kernels() ran
 active = None
