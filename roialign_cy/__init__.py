@@ -2,11 +2,14 @@
 
 CPU kernels are Cython + OpenMP; GPU kernels are CUDA sources compiled at run time through CuPy.
 The backend follows the array type (numpy -> "cpu", cupy -> "cuda") unless ``backend=`` forces it.
+``roialign_cy.torch`` (imported on its own, needs PyTorch) wraps the operators for torch tensors
+and autograd.
 """
 from ._api import (plan, roi_align, roi_align_backward, roi_align_rotated,
                    roi_align_rotated_backward)
 from ._plan import Plan
 from ._backends import OPERATORS, devices_of, gradient_of
+from ._multiscale import multi_scale_roi_align, multi_scale_roi_align_backward
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
 
 __version__ = "0.1.0"
@@ -18,6 +21,8 @@ __all__ = [
     "roi_align_rotated_backward",
     "plan",
     "Plan",
+    "multi_scale_roi_align",
+    "multi_scale_roi_align_backward",
     "OPERATORS",
     "gradient_of",
     "devices_of",
