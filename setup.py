@@ -140,7 +140,8 @@ def _extensions():
 setup(
     packages=["roialign_cy", "roialign_cy._cpu", "roialign_cy.cuda"],
     package_dir={"roialign_cy": "roialign_cy", "roialign_cy.cuda": "cuda"},
-    package_data={"roialign_cy.cuda": ["*.cu", "*.cuh"], "roialign_cy._cpu": ["*.pxd", "*.pyx"]},
+    package_data={"roialign_cy": ["py.typed"], "roialign_cy.cuda": ["*.cu", "*.cuh"],
+                  "roialign_cy._cpu": ["*.pxd", "*.pyx"]},
     include_package_data=False,
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},

@@ -1,10 +1,14 @@
 """The public operators: validate once into a plan, then run it (allocate, call the kernel)."""
+from typing import Any, Literal, Optional, Tuple, Union, overload
+
 import numpy as np
 
 from . import _backends
 from . import _validate as v
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, GRID_SATURATE, OpParams
 from ._plan import Plan
+from ._typing import (Array, ArrayLike, Backend, BoxGrad, Boxes, FeaturesOrShape, Layout, Mode,
+                      OutputSize, Wrt)
 
 
 def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio,
@@ -131,10 +135,13 @@ def _looks_like_array(x):
         return True
 
 
-def plan(boxes, feature_shape, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=None,
-         *, rotated=False, mode="avg", layout="NCHW", batch_indices=None, clockwise=False,
-         dtype=np.float32, backend="auto", n_threads=None,
-         max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False):
+def plan(boxes: Boxes, feature_shape: Tuple[int, int, int, int], output_size: OutputSize,
+         spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: Optional[bool] = None,
+         *, rotated: bool = False, mode: Mode = "avg", layout: Layout = "NCHW",
+         batch_indices: Optional[ArrayLike] = None, clockwise: bool = False,
+         dtype: Any = np.float32, backend: Backend = "auto", n_threads: Optional[int] = None,
+         max_samples_per_bin: int = DEFAULT_MAX_SAMPLES_PER_BIN,
+         allow_inverted: bool = False) -> Plan:
     """Validate boxes and parameters once, for any number of forward and backward calls.
 
     Returns a :class:`~roialign_cy._plan.Plan` ``p``: ``p.forward(features, out=None)`` equals
@@ -174,9 +181,13 @@ def plan(boxes, feature_shape, output_size, spatial_scale=1.0, sampling_ratio=-1
                     allow_inverted=allow_inverted)[0]
 
 
-def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False,
-              *, mode="avg", layout="NCHW", batch_indices=None, backend="auto", n_threads=None,
-              out=None, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False):
+def roi_align(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+              *, mode: Mode = "avg", layout: Layout = "NCHW",
+              batch_indices: Optional[ArrayLike] = None, backend: Backend = "auto",
+              n_threads: Optional[int] = None, out: Optional[Array] = None,
+              max_samples_per_bin: int = DEFAULT_MAX_SAMPLES_PER_BIN,
+              allow_inverted: bool = False) -> Array:
     """RoIAlign: pool each box of a feature map into a fixed grid by bilinear sampling.
 
     Parameters
@@ -230,11 +241,44 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
                     max_samples_per_bin, allow_inverted=allow_inverted)
 
 
-def roi_align_backward(grad_output, features, boxes, output_size, spatial_scale=1.0,
-                       sampling_ratio=-1, aligned=False, *, mode="avg", layout="NCHW",
-                       batch_indices=None, wrt="features", backend="auto", n_threads=None,
-                       deterministic=True, max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN,
-                       allow_inverted=False):
+@overload
+def roi_align_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                       output_size: OutputSize, spatial_scale: float = ..., sampling_ratio: int = ...,
+                       aligned: bool = ..., *, mode: Mode = ..., layout: Layout = ...,
+                       batch_indices: Optional[ArrayLike] = ..., wrt: Literal["features"] = ...,
+                       backend: Backend = ..., n_threads: Optional[int] = ...,
+                       deterministic: bool = ..., max_samples_per_bin: int = ...,
+                       allow_inverted: bool = ...) -> Array: ...
+
+
+@overload
+def roi_align_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                       output_size: OutputSize, spatial_scale: float = ..., sampling_ratio: int = ...,
+                       aligned: bool = ..., *, mode: Mode = ..., layout: Layout = ...,
+                       batch_indices: Optional[ArrayLike] = ..., wrt: Literal["boxes"],
+                       backend: Backend = ..., n_threads: Optional[int] = ...,
+                       deterministic: bool = ..., max_samples_per_bin: int = ...,
+                       allow_inverted: bool = ...) -> BoxGrad: ...
+
+
+@overload
+def roi_align_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                       output_size: OutputSize, spatial_scale: float = ..., sampling_ratio: int = ...,
+                       aligned: bool = ..., *, mode: Mode = ..., layout: Layout = ...,
+                       batch_indices: Optional[ArrayLike] = ..., wrt: Literal["both"],
+                       backend: Backend = ..., n_threads: Optional[int] = ...,
+                       deterministic: bool = ..., max_samples_per_bin: int = ...,
+                       allow_inverted: bool = ...) -> Tuple[Array, BoxGrad]: ...
+
+
+def roi_align_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                       output_size: OutputSize, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                       aligned: bool = False, *, mode: Mode = "avg", layout: Layout = "NCHW",
+                       batch_indices: Optional[ArrayLike] = None, wrt: Wrt = "features",
+                       backend: Backend = "auto", n_threads: Optional[int] = None,
+                       deterministic: bool = True,
+                       max_samples_per_bin: int = DEFAULT_MAX_SAMPLES_PER_BIN,
+                       allow_inverted: bool = False) -> Union[Array, BoxGrad, Tuple[Array, BoxGrad]]:
     """Gradient of :func:`roi_align` (same arguments), given ``grad_output`` = dL/d(output).
 
     ``features`` is the feature array, or only its shape when just the feature gradient in avg
@@ -260,10 +304,13 @@ def roi_align_backward(grad_output, features, boxes, output_size, spatial_scale=
                      n_threads, deterministic, max_samples_per_bin, allow_inverted=allow_inverted)
 
 
-def roi_align_rotated(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                      aligned=True, *, clockwise=False, layout="NCHW", batch_indices=None,
-                      backend="auto", n_threads=None, out=None,
-                      max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=False):
+def roi_align_rotated(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
+                      spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True,
+                      *, clockwise: bool = False, layout: Layout = "NCHW",
+                      batch_indices: Optional[ArrayLike] = None, backend: Backend = "auto",
+                      n_threads: Optional[int] = None, out: Optional[Array] = None,
+                      max_samples_per_bin: int = DEFAULT_MAX_SAMPLES_PER_BIN,
+                      allow_inverted: bool = False) -> Array:
     """RoIAlign over rotated boxes (detectron2 ``ROIAlignRotated``, Caffe2 ``RoIAlignRotated``).
 
     boxes : (K, 6) [batch_index, cx, cy, w, h, angle_degrees], or (K, 5) with ``batch_indices``,
@@ -285,12 +332,45 @@ def roi_align_rotated(features, boxes, output_size, spatial_scale=1.0, sampling_
                     max_samples_per_bin, clockwise=clockwise, allow_inverted=allow_inverted)
 
 
-def roi_align_rotated_backward(grad_output, features, boxes, output_size, spatial_scale=1.0,
-                               sampling_ratio=-1, aligned=True, *, clockwise=False,
-                               layout="NCHW", batch_indices=None, wrt="features",
-                               backend="auto", n_threads=None, deterministic=True,
-                               max_samples_per_bin=DEFAULT_MAX_SAMPLES_PER_BIN,
-                               allow_inverted=False):
+@overload
+def roi_align_rotated_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                               output_size: OutputSize, spatial_scale: float = ..., sampling_ratio: int = ...,
+                               aligned: bool = ..., *, clockwise: bool = ..., layout: Layout = ...,
+                               batch_indices: Optional[ArrayLike] = ..., wrt: Literal["features"] = ...,
+                               backend: Backend = ..., n_threads: Optional[int] = ...,
+                               deterministic: bool = ..., max_samples_per_bin: int = ...,
+                               allow_inverted: bool = ...) -> Array: ...
+
+
+@overload
+def roi_align_rotated_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                               output_size: OutputSize, spatial_scale: float = ..., sampling_ratio: int = ...,
+                               aligned: bool = ..., *, clockwise: bool = ..., layout: Layout = ...,
+                               batch_indices: Optional[ArrayLike] = ..., wrt: Literal["boxes"],
+                               backend: Backend = ..., n_threads: Optional[int] = ...,
+                               deterministic: bool = ..., max_samples_per_bin: int = ...,
+                               allow_inverted: bool = ...) -> BoxGrad: ...
+
+
+@overload
+def roi_align_rotated_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                               output_size: OutputSize, spatial_scale: float = ..., sampling_ratio: int = ...,
+                               aligned: bool = ..., *, clockwise: bool = ..., layout: Layout = ...,
+                               batch_indices: Optional[ArrayLike] = ..., wrt: Literal["both"],
+                               backend: Backend = ..., n_threads: Optional[int] = ...,
+                               deterministic: bool = ..., max_samples_per_bin: int = ...,
+                               allow_inverted: bool = ...) -> Tuple[Array, BoxGrad]: ...
+
+
+def roi_align_rotated_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
+                               output_size: OutputSize, spatial_scale: float = 1.0,
+                               sampling_ratio: int = -1, aligned: bool = True, *,
+                               clockwise: bool = False, layout: Layout = "NCHW",
+                               batch_indices: Optional[ArrayLike] = None, wrt: Wrt = "features",
+                               backend: Backend = "auto", n_threads: Optional[int] = None,
+                               deterministic: bool = True,
+                               max_samples_per_bin: int = DEFAULT_MAX_SAMPLES_PER_BIN,
+                               allow_inverted: bool = False) -> Union[Array, BoxGrad, Tuple[Array, BoxGrad]]:
     """Gradient of :func:`roi_align_rotated`, as :func:`roi_align_backward`.
 
     The box gradient is with respect to (cx, cy, w, h, angle_degrees), per degree; w and h have

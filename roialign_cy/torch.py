@@ -18,7 +18,7 @@ differentiable: a double backward raises a RuntimeError.
 """
 import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import _api, _cuda, _multiscale
+from ._typing import Layout, Wrt
 
 BoxesArg = Union[Tensor, List[Tensor]]
 OutputSizeArg = Union[int, Tuple[int, int], List[int]]
@@ -76,7 +77,7 @@ def _is_channels_last(t: Tensor) -> bool:
             and t.is_contiguous(memory_format=torch.channels_last))
 
 
-def _kernel_layout(t: Tensor) -> Tuple[Tensor, str]:
+def _kernel_layout(t: Tensor) -> Tuple[Tensor, Layout]:
     """(tensor the kernels read, layout): NCHW as is, channels_last as a zero-copy (N, H, W, C)
     view for the NHWC kernels, any other strides made contiguous."""
     if _is_channels_last(t):
@@ -126,18 +127,20 @@ def _rois(boxes: Any, input: Tensor, width: int) -> Tensor:
 
 # ---- autograd functions ------------------------------------------------------------------------
 
-_FORWARD = {False: _api.roi_align, True: _api.roi_align_rotated}
-_BACKWARD = {False: _api.roi_align_backward, True: _api.roi_align_rotated_backward}
+# rotated -> the core's operator
+_FORWARD: Dict[bool, Callable[..., Any]] = {False: _api.roi_align, True: _api.roi_align_rotated}
+_BACKWARD: Dict[bool, Callable[..., Any]] = {False: _api.roi_align_backward,
+                                             True: _api.roi_align_rotated_backward}
 
 
-def _wrt(want_features: bool, want_boxes: bool) -> Optional[str]:
+def _wrt(want_features: bool, want_boxes: bool) -> Optional[Wrt]:
     """The core's ``wrt`` for the gradients autograd asks for (None: none)."""
     if want_features and want_boxes:
         return "both"
     return "features" if want_features else "boxes" if want_boxes else None
 
 
-def _split(result: Any, wrt: str) -> Tuple[Any, Any]:
+def _split(result: Any, wrt: Wrt) -> Tuple[Any, Any]:
     """(features part, boxes part) of a backward result for ``wrt``."""
     return {"features": (result, None), "boxes": (None, result), "both": result}[wrt]
 
@@ -277,7 +280,7 @@ class _MultiScaleFunction(torch.autograd.Function):
         return (g_rois, None, *g_levels)
 
 
-def _pyramid_layout(levels: Sequence[Tensor]) -> str:
+def _pyramid_layout(levels: Sequence[Tensor]) -> Layout:
     """NHWC when every level is channels_last (the NHWC kernels then read them without a copy),
     else NCHW."""
     return "NHWC" if all(map(_is_channels_last, levels)) else "NCHW"
