@@ -6,6 +6,7 @@ The work is split in steps that can be replaced one by one: validation of the le
 makes one single-level call per level and scatters its result into the output in box order.
 """
 import math
+import numbers
 from typing import Any, List, Literal, NamedTuple, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
@@ -99,7 +100,9 @@ def assign_levels(rois: Any, k_min: int, k_max: int, canonical_scale: float = 22
     and goes to the first level too (the peers leave such a box unpooled, i.e. zero).
     """
     assign = v.check_choice("assign", assign, tuple(ASSIGN_EPS))
-    eps = ASSIGN_EPS[assign] if eps is None else eps
+    canonical_scale = _positive_real("canonical_scale", canonical_scale)
+    canonical_level = v.check_int("canonical_level", canonical_level)
+    eps = ASSIGN_EPS[assign] if eps is None else _positive_real("eps", eps, allow_zero=True)
     xp = np if isinstance(rois, np.ndarray) else v.xp_of("cuda")
     dtype = rois.dtype.type
     with np.errstate(divide="ignore", invalid="ignore"):  # zero and negative areas: see above
@@ -110,6 +113,15 @@ def assign_levels(rois: Any, k_min: int, k_max: int, canonical_scale: float = 22
             k = xp.floor(canonical_level + xp.log2(size / canonical_scale + dtype(eps)))
     k = xp.where(xp.isnan(k), k_min, xp.clip(k, k_min, k_max))
     return k.astype(np.int64) - k_min
+
+
+def _positive_real(name, value, allow_zero=False):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+        raise ValueError(f"{name} must be finite and {'>=' if allow_zero else '>'} 0, got {value}")
+    return value
 
 
 def _level_groups(levels, n_levels):

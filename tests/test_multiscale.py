@@ -193,6 +193,12 @@ def test_validation_of_boxes_and_rule(rng):
         roialign_cy.multi_scale_roi_align(feats, inverted, 2, SCALES)
     with pytest.raises(ValueError, match="assign must be one of"):
         roialign_cy.multi_scale_roi_align(feats, inverted[:1], 2, SCALES, assign="mmdet")
+    with pytest.raises(ValueError, match="canonical_scale must be finite and > 0"):
+        roialign_cy.multi_scale_roi_align(feats, inverted[:1], 2, SCALES, canonical_scale=0)
+    with pytest.raises(TypeError, match="canonical_level must be an integer"):
+        roialign_cy.multi_scale_roi_align(feats, inverted[:1], 2, SCALES, canonical_level=4.5)
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        roialign_cy.multi_scale_roi_align(feats, inverted[:1], 2, SCALES, eps=float("nan"))
     with pytest.raises(TypeError, match="not their shapes"):
         roialign_cy.multi_scale_roi_align([f.shape for f in feats], inverted[:1], 2, SCALES)
     with pytest.raises(ValueError, match="wrt must be one of"):
