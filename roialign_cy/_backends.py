@@ -16,6 +16,7 @@ C-contiguous and allocated by ``roialign_cy._api`` (see ``OpParams`` for the sca
     grad_rois shaped like rois, zero-filled by the caller; d(sum(grad_out * out)) / d(rois).
 """
 import importlib
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from . import _params
 
 # Forward operator -> (its gradient operator, device types that serve both). The Caffe2 notion of
 # registered gradients made Pythonic: dispatch asks it which backends exist, tests enumerate it.
-OPERATORS = {
+OPERATORS: Dict[str, Dict[str, Any]] = {
     "roi_align": {"gradient": "roi_align_backward", "devices": ("cpu", "cuda")},
     "roi_align_rotated": {"gradient": "roi_align_rotated_backward", "devices": ("cpu", "cuda")},
 }
@@ -31,12 +32,12 @@ BACKENDS = ("auto", "cpu", "cuda")
 _MODULES = {"cpu": "roialign_cy._cpu", "cuda": "roialign_cy._cuda"}
 
 
-def gradient_of(op_name):
+def gradient_of(op_name: str) -> str:
     """Name of the registered gradient operator of the forward operator ``op_name``."""
     return OPERATORS[op_name]["gradient"]
 
 
-def devices_of(op_name):
+def devices_of(op_name: str) -> Tuple[str, ...]:
     """Device types that have kernels for ``op_name`` (and its gradient)."""
     return OPERATORS[op_name]["devices"]
 
