@@ -230,7 +230,8 @@ def multi_scale_roi_align(
         Scale of each level, 2**-k_min, 2**-(k_min + 1), ... (e.g. 1/4, 1/8, 1/16, 1/32).
     sampling_ratio, aligned :
         As in :func:`roialign_cy.roi_align`. torchvision's ``MultiScaleRoIAlign`` uses
-        aligned=False; detectron2's ``ROIPooler`` uses aligned=True (its "ROIAlignV2").
+        aligned=False; detectron2's FPN models pool with aligned=True (``ROIPooler`` with
+        pooler type "ROIAlignV2", the default of its configs).
     canonical_scale, canonical_level : the FPN paper's 224 and k0 = 4: a box of
         sqrt(area) = canonical_scale is pooled from level k = canonical_level.
     eps, assign :
