@@ -21,7 +21,11 @@ import math
 from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError as exc:
+    raise ImportError("roialign_cy.torch needs PyTorch: pip install 'roialign_cy[torch]'") from exc
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 

@@ -46,6 +46,12 @@ def _fpn_inputs(rng, dtype=torch.float64, n=2, c=2, size=(64, 80), boxes_per_ima
 def test_import_roialign_cy_does_not_import_torch():
     code = "import sys, roialign_cy; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+    # without PyTorch, the adapter says what to install
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import roialign_cy.torch\n"
+            "except ImportError as exc:\n    assert 'roialign_cy[torch]' in str(exc), exc\n"
+            "else:\n    raise AssertionError('no ImportError')")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
