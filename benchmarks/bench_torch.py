@@ -2,7 +2,7 @@
 """Time roialign_cy.torch against torchvision through PyTorch, side by side in one process.
 
 Two workloads, float32 on the CPU at the default thread counts (ours: OpenMP's; torchvision:
-torch.get_num_threads()), each forward and backward through autograd:
+torch.get_num_threads()) or both at ``--threads N``, each forward and backward through autograd:
 
 - fpn: ``MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)`` over the levels (2, 256, 200, 304),
   (2, 256, 100, 152), (2, 256, 50, 76), (2, 256, 25, 38) of an 800 x 1216 image, 2000 boxes of
@@ -13,7 +13,7 @@ torch.get_num_threads()), each forward and backward through autograd:
 "backward" is the time of ``out.backward(grad)`` alone (the forward that builds the graph is not
 timed). Before timing, each pair of outputs and input gradients is compared (max abs difference).
 
-    python benchmarks/bench_torch.py [--repeat N] [--wait-quiet S]
+    python benchmarks/bench_torch.py [--repeat N] [--threads N] [--wait-quiet S]
 
 Needs torch and torchvision (``pip install "roialign_cy[bench-torch]"``) and roialign_cy built for
 the same interpreter.
@@ -95,33 +95,36 @@ def compare(name, ours, theirs, inputs, grad, repeat, wait_quiet):
     return rows
 
 
-def fpn_workload(rng, torch, tv_ops, rt):
+def fpn_workload(rng, torch, tv_ops, rt, n_threads):
     levels = {str(i): torch.from_numpy(rng.standard_normal(s, dtype=np.float32)).requires_grad_()
               for i, s in enumerate(FPN_LEVELS)}
     boxes = [torch.from_numpy(b) for b in make_boxes(rng, 2, N_BOXES)]
     shapes = [IMAGE] * 2
     names = list(levels)
-    ours_m = rt.MultiScaleRoIAlign(names, 7, 2)
+    ours_m = rt.MultiScaleRoIAlign(names, 7, 2, n_threads=n_threads)
     theirs_m = tv_ops.MultiScaleRoIAlign(names, 7, 2)
     grad = torch.from_numpy(rng.standard_normal((N_BOXES, 256, 7, 7), dtype=np.float32))
     return (lambda: ours_m(levels, boxes, shapes), lambda: theirs_m(levels, boxes, shapes),
             list(levels.values()), grad)
 
 
-def box_workload(rng, torch, tv_ops, rt):
+def box_workload(rng, torch, tv_ops, rt, n_threads):
     features = torch.from_numpy(rng.standard_normal(FPN_LEVELS[0], dtype=np.float32)).requires_grad_()
     per_image = make_boxes(rng, 2, N_BOXES)
     rois = torch.from_numpy(np.concatenate(
         [np.column_stack([np.full(len(b), i, np.float32), b]) for i, b in enumerate(per_image)]))
     grad = torch.from_numpy(rng.standard_normal((N_BOXES, 256, 7, 7), dtype=np.float32))
     args = (7, 0.25, 2, True)
-    return (lambda: rt.roi_align(features, rois, *args), lambda: tv_ops.roi_align(features, rois, *args),
+    return (lambda: rt.roi_align(features, rois, *args, n_threads=n_threads),
+            lambda: tv_ops.roi_align(features, rois, *args),
             [features], grad)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=7, help="timed calls per cell (median)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of both (default: OpenMP's for ours, torch's for torchvision)")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each pair of rows wait up to S seconds for other processes to go quiet")
     args = ap.parse_args(argv)
@@ -129,6 +132,8 @@ def main(argv=None):
     import torchvision
     import torchvision.ops as tv_ops
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ours = bench._import_ours()
     import roialign_cy.torch as rt
     from roialign_cy._cpu import _openmp
@@ -136,14 +141,15 @@ def main(argv=None):
     print(f"roialign_cy {ours.__version__} | torch {torch.__version__} | torchvision "
           f"{torchvision.__version__} | numpy {np.__version__} | Python {platform.python_version()}")
     print(f"CPU: {bench._cpu_model()}, {os.cpu_count()} cores | OpenMP threads (ours): "
-          f"{_openmp.effective_n_threads()} | torch threads: {torch.get_num_threads()} | load "
+          f"{_openmp.effective_n_threads(args.threads)} | torch threads: {torch.get_num_threads()} | load "
           f"average (1, 5, 15 min) at start: {bench._loadavg()}")
     print(f"median ms of {args.repeat} calls after a warm-up; ratio = torchvision / ours; others: "
           "cores kept busy by other processes while the pair of rows ran (near 0: a clean figure)\n")
     rng = np.random.default_rng(0)
     rows = []
     for name, make in (("fpn MultiScaleRoIAlign", fpn_workload), ("box roi_align", box_workload)):
-        rows += compare(name, *make(rng, torch, tv_ops, rt), args.repeat, args.wait_quiet)
+        rows += compare(name, *make(rng, torch, tv_ops, rt, args.threads), args.repeat,
+                        args.wait_quiet)
     header = ("workload", "phase", "ours ms", "torchvision ms", "tv/ours", "max|d|", "others")
     print(f"{header[0]:<24}{header[1]:<10}{header[2]:>9}{header[3]:>16}{header[4]:>9}"
           f"{header[5]:>10}{header[6]:>8}")
