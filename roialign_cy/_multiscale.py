@@ -1,9 +1,10 @@
 """Multi-level (FPN) RoIAlign: each box is pooled from the pyramid level that suits its size.
 
-The work is split in steps that can be replaced one by one: validation of the levels
-(``_check_levels``), the level of each box (``assign_levels``), the boxes of each level
-(``_level_groups``), and the pooling itself (``_pool_levels`` / ``_unpool_levels``), which for now
-makes one single-level call per level and scatters its result into the output in box order.
+The work is split in steps: validation of the levels (``_check_levels``), the level of each box
+(``assign_levels``), and the pooling itself (``_pool_levels`` / ``_unpool_levels``). On the CPU the
+pooling is one call of the multi-level kernels: every level's boxes in one parallel region, each
+written straight to its row of the output (no per-level gather or scatter). A backend without
+multi-level kernels (CUDA, for now) gets one single-level call per level.
 """
 import math
 import numbers
@@ -11,7 +12,7 @@ from typing import Any, List, Literal, NamedTuple, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from . import _backends
+from . import _api, _backends
 from . import _validate as v
 from ._api import _grad_dtype, _looks_like_array, roi_align, roi_align_backward
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
@@ -33,6 +34,7 @@ class _Problem(NamedTuple):
     rois: Any  # (K, 4) [x1, y1, x2, y2], C-contiguous, the features' dtype (float32 for float16)
     batch_idx: Any  # (K,) int64
     form: str  # how the boxes came in: "batched", "onnx" or "list"
+    levels: Any  # (K,) int64: the level of each box
     groups: List[Any]  # per level: the positions of its boxes, ascending
     backend: str
 
@@ -160,15 +162,37 @@ def _prepare(features, boxes, spatial_scales, layout, batch_indices, backend, ca
     levels = assign_levels(rois, k_min, k_min + len(shapes) - 1, canonical_scale, canonical_level,
                            eps, assign)
     groups = _level_groups(levels, len(shapes))
-    return _Problem(list(features), shapes, scales, rois, batch_idx, form, groups, backend), dtype
+    return _Problem(list(features), shapes, scales, rois, batch_idx, form,
+                    levels.astype(np.int64) if backend == "cpu" else levels, groups,
+                    backend), dtype
+
+
+def _levels_kernels(problem, kwargs):
+    """(the backend's multi-level kernels, OpParams, the levels' C-contiguous maps) when the
+    backend has them, else None: then the levels are pooled one call each."""
+    be = _backends.module(problem.backend)
+    if not hasattr(be, "forward_levels"):
+        return None
+    # the scales are per level (problem.scales); OpParams' spatial_scale goes unused
+    p = _api.params(False, kwargs["output_size"], 1.0, kwargs["sampling_ratio"],
+                    kwargs["aligned"], kwargs["mode"], kwargs["layout"],
+                    deterministic=kwargs.get("deterministic", True),
+                    n_threads=kwargs["n_threads"])
+    max_samples = v.max_samples(kwargs["max_samples_per_bin"])
+    v.sample_bound(max_samples, *be.grid_sizes(problem.rois, p, problem.levels, problem.scales))
+    maps = [None if _is_shape(f) else v.features(f, kwargs["layout"], problem.backend)
+            for f in problem.features]
+    return be, p, maps
 
 
 def _pool_levels(problem, out, kwargs):
-    """Pool every box from its level into ``out`` (box order).
-
-    This is the place of the one-call multi-level kernel: for now one single-level call per level,
-    each scattered into ``out`` at the positions of that level's boxes.
-    """
+    """Pool every box from its level into ``out`` (box order)."""
+    kernels = _levels_kernels(problem, kwargs)
+    if kernels is not None:
+        be, p, maps = kernels
+        be.forward_levels(maps, problem.rois, problem.batch_idx, problem.levels, problem.scales,
+                          out, p)
+        return
     for level, idx in enumerate(problem.groups):
         if idx.size:
             out[idx] = roi_align(problem.features[level], problem.rois[idx],
@@ -177,13 +201,30 @@ def _pool_levels(problem, out, kwargs):
 
 
 def _unpool_levels(problem, grad_output, wrt, dtype, kwargs):
-    """Per-level feature gradients and the (K, 4) box gradient (None where not asked for).
-
-    The gradient twin of ``_pool_levels``, and the place of the one-call multi-level kernel too.
-    """
+    """Per-level feature gradients and the (K, 4) box gradient (None where not asked for)."""
     xp = v.xp_of(problem.backend)
-    grad_features = [] if wrt != "boxes" else None
     grad_rois = xp.zeros(problem.rois.shape, problem.rois.dtype) if wrt != "features" else None
+    kernels = _levels_kernels(problem, kwargs)
+    if kernels is not None:
+        be, p, maps = kernels
+        if p.mode == "onnx_max":
+            raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "
+                             "gradient; use mode='max' (mmcv) for a differentiable max")
+        if maps[0] is None and (wrt != "features" or p.mode != "avg"):
+            raise ValueError(f"features must be the feature arrays, not just their shapes, for "
+                             f"wrt={wrt!r} and mode={p.mode!r}: only the feature gradient in avg "
+                             "mode works from the shapes")
+        grad_features = None
+        if wrt != "boxes":
+            grad_features = [v.allocate(xp, shape, dtype, f"the gradient of level {i}", zeros=True)
+                             for i, shape in enumerate(problem.shapes)]
+            be.backward_features_levels(grad_output, maps, problem.rois, problem.batch_idx,
+                                        problem.levels, problem.scales, grad_features, p)
+        if grad_rois is not None:
+            be.backward_boxes_levels(grad_output, maps, problem.rois, problem.batch_idx,
+                                     problem.levels, problem.scales, grad_rois, p)
+        return grad_features, grad_rois
+    grad_features = [] if wrt != "boxes" else None
     for level, idx in enumerate(problem.groups):
         if not idx.size:
             if grad_features is not None:
