@@ -1,5 +1,5 @@
 """The public operators: validate once into a plan, then run it (allocate, call the kernel)."""
-from typing import Any, Literal, Optional, Tuple, Union, overload
+from typing import Any, Literal, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -135,7 +135,7 @@ def _looks_like_array(x):
         return True
 
 
-def plan(boxes: Boxes, feature_shape: Tuple[int, int, int, int], output_size: OutputSize,
+def plan(boxes: Boxes, feature_shape: Sequence[int], output_size: OutputSize,
          spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: Optional[bool] = None,
          *, rotated: bool = False, mode: Mode = "avg", layout: Layout = "NCHW",
          batch_indices: Optional[ArrayLike] = None, clockwise: bool = False,

@@ -132,10 +132,6 @@ def _rois(boxes: Any, input: Tensor, width: int) -> Tensor:
 # ---- autograd functions ------------------------------------------------------------------------
 
 # rotated -> the core's operator
-_FORWARD: Dict[bool, Callable[..., Any]] = {False: _api.roi_align, True: _api.roi_align_rotated}
-_BACKWARD: Dict[bool, Callable[..., Any]] = {False: _api.roi_align_backward,
-                                             True: _api.roi_align_rotated_backward}
-
 
 def _wrt(want_features: bool, want_boxes: bool) -> Optional[Wrt]:
     """The core's ``wrt`` for the gradients autograd asks for (None: none)."""
@@ -157,9 +153,13 @@ class _RoIAlignFunction(torch.autograd.Function):
                 params: Dict[str, Any]) -> Tensor:
         x, layout = _kernel_layout(input)
         with _kernel_stream(input):
-            out = _to_tensor(_FORWARD[rotated](_to_array(x), _to_array(rois), layout=layout,
-                                               **params), input)
-        ctx.rotated, ctx.params, ctx.layout, ctx.shape = rotated, params, layout, tuple(x.shape)
+            features = _to_array(x)
+            # a plan: the boxes are validated and the sampling tables built once, for the
+            # forward and again for the backward of this step
+            plan = _api.plan(_to_array(rois), tuple(x.shape), rotated=rotated, layout=layout,
+                             dtype=features.dtype, **params)
+            out = _to_tensor(plan.forward(features), input)
+        ctx.plan, ctx.layout = plan, layout
         # the box gradient and the max-mode gradient read the feature values; the avg-mode
         # feature gradient needs only their shape
         keep = ctx.needs_input_grad[1] or params.get("mode", "avg") != "avg"
@@ -174,10 +174,8 @@ class _RoIAlignFunction(torch.autograd.Function):
         if wrt is None:
             return None, None, None, None
         with _kernel_stream(grad_output):
-            features = ctx.shape if x is None else _to_array(x)
-            result = _BACKWARD[ctx.rotated](
-                _to_array(_nhwc(grad_output, ctx.layout)), features, _to_array(rois),
-                layout=ctx.layout, wrt=wrt, **ctx.params)
+            result = ctx.plan.backward(_to_array(_nhwc(grad_output, ctx.layout)),
+                                       None if x is None else _to_array(x), wrt=wrt)
             g_features, g_rois = _split(result, wrt)
             if g_features is not None:
                 g_features = _nchw(_to_tensor(g_features, grad_output), ctx.layout)

@@ -161,18 +161,18 @@ def test_no_grad_and_inference_mode(data, context):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Record the arrays (and layout) each core forward and backward receives."""
+    """Record what each core plan's forward and backward receive: (name, plan, arguments)."""
     seen = []
+    from roialign_cy._plan import Plan
 
-    def wrap(fn):
-        def spy_fn(*args, **kwargs):
-            seen.append((fn.__name__, args, kwargs))
-            return fn(*args, **kwargs)
+    def wrap(name, fn):
+        def spy_fn(plan, *args, **kwargs):
+            seen.append((name, plan, args, kwargs))
+            return fn(plan, *args, **kwargs)
         return spy_fn
 
-    for table in (rt._FORWARD, rt._BACKWARD):
-        for key, fn in list(table.items()):
-            monkeypatch.setitem(table, key, wrap(fn))
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(Plan, name, wrap(name, getattr(Plan, name)))
     return seen
 
 
@@ -180,11 +180,13 @@ def test_contiguous_input_is_not_copied(data, spy):
     feats, boxes = data
     x, b = _t(feats, True), _t(boxes)
     rt.roi_align(x, b, 2, SCALE, 2).sum().backward()
-    (_, fargs, fkw), (_, bargs, bkw) = spy
-    assert fkw["layout"] == "NCHW" and np.shares_memory(fargs[0], x.detach().numpy())
-    assert np.shares_memory(fargs[1], b.numpy())
-    # the avg-mode feature gradient gets only the shape: nothing of the input is kept for it
-    assert bargs[1] == tuple(x.shape) and bkw["wrt"] == "features"
+    (_, fplan, fargs, _), (_, bplan, bargs, bkw) = spy
+    # one plan serves the forward and the backward of the step
+    assert fplan is bplan and not fplan.params.channels_last
+    assert np.shares_memory(fargs[0], x.detach().numpy())
+    assert np.shares_memory(fplan._given["boxes"], b.numpy())
+    # the avg-mode feature gradient reads no feature value: nothing of the input is kept for it
+    assert bargs[1] is None and bkw["wrt"] == "features"
 
 
 def test_channels_last_uses_the_nhwc_kernels_without_copy(data, spy):
@@ -193,8 +195,8 @@ def test_channels_last_uses_the_nhwc_kernels_without_copy(data, spy):
     b = _t(boxes, True)
     out = rt.roi_align(x, b, (3, 2), SCALE, 2, True)
     assert out.shape == (6, C, 3, 2) and out.is_contiguous(memory_format=torch.channels_last)
-    (_, fargs, fkw), = spy
-    assert fkw["layout"] == "NHWC" and fargs[0].shape == (N, H, W, C)
+    (_, fplan, fargs, _), = spy
+    assert fplan.params.channels_last and fargs[0].shape == (N, H, W, C)
     assert fargs[0].ctypes.data == x.data_ptr() and fargs[0].flags.c_contiguous
     ref = rt.roi_align(_t(feats, True), _t(boxes, True), (3, 2), SCALE, 2, True)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
