@@ -18,7 +18,8 @@ from roialign_cy import _backends, _cpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = pathlib.Path(roialign_cy.__file__).resolve().parent
-INSTALLED = REPO not in PACKAGE.parents
+# (not "REPO not in PACKAGE.parents": CI's virtual environment lives inside the checkout)
+INSTALLED = PACKAGE != REPO / "roialign_cy"
 
 
 def test_repository_has_cuda_sources():
