@@ -175,10 +175,13 @@ def plan(boxes: Boxes, feature_shape: Sequence[int], output_size: OutputSize,
         dtype = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype must be a float dtype, got {dtype!r}") from None
-    return _prepare(op, feature_shape, boxes, batch_indices, output_size, spatial_scale,
+    made = _prepare(op, feature_shape, boxes, batch_indices, output_size, spatial_scale,
                     sampling_ratio, aligned, mode, layout, backend, n_threads, max_samples_per_bin,
                     clockwise=clockwise, shape_only_dtype=dtype,
                     allow_inverted=allow_inverted)[0]
+    # a plan outlives the call: it keeps copies, not views of the caller's boxes, which may change
+    made._rois, made._batch_idx = made._rois.copy(), made._batch_idx.copy()
+    return made
 
 
 def roi_align(features: ArrayLike, boxes: Boxes, output_size: OutputSize,

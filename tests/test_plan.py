@@ -111,3 +111,18 @@ def test_plan_defaults_follow_each_operator():
     assert plan(np.array([[0, 4, 4, 3, 3, 10.0]]), (1, 1, 8, 8), 2, rotated=True).params.aligned
     assert "plan: 1 boxes" in repr(plan(np.array([[0, 1, 1, 5, 5.0]]), (1, 1, 8, 8), 2))
     assert roialign_cy.Plan is type(plan(np.array([[0, 1, 1, 5, 5.0]]), (1, 1, 8, 8), 2))
+
+
+@pytest.mark.parametrize("form", ["batched", "onnx"])
+def test_plan_keeps_its_own_copy_of_the_boxes(rng, form):
+    x = make_features(rng, 1, 3, H, W, np.float32)
+    rows = np.array([[0, 1.5, 2.0, 9.0, 8.0]], np.float32)
+    boxes = rows.copy() if form == "batched" else rows[:, 1:].copy()
+    want = roi_align(x, boxes, 2)
+    p = plan(boxes, x.shape, 2)
+    boxes[:] = 0  # the caller reuses its buffer before the plan's first call
+    np.testing.assert_array_equal(p.forward(x), want)
+    g = np.ones_like(want)
+    np.testing.assert_array_equal(p.backward(g, x, wrt="boxes")[..., -4:],
+                                  roi_align_backward(g, x, rows if form == "batched" else rows[:, 1:],
+                                                     2, wrt="boxes")[..., -4:])
