@@ -10,11 +10,16 @@ from . import _validate as v
 _WRT = ("features", "boxes", "both")
 
 
+def output_shape(k, channels, p):
+    """Shape of the output of k boxes on maps of ``channels`` channels."""
+    if p.channels_last:
+        return (k, p.pooled_h, p.pooled_w, channels)
+    return (k, channels, p.pooled_h, p.pooled_w)
+
+
 def out_shape(shape, k, p):
     """Shape of the output for features of ``shape`` and k boxes."""
-    if p.channels_last:
-        return (k, p.pooled_h, p.pooled_w, shape[3])
-    return (k, shape[1], p.pooled_h, p.pooled_w)
+    return output_shape(k, shape[3] if p.channels_last else shape[1], p)
 
 
 def backend_name(module):

@@ -39,6 +39,7 @@ from dask.highlevelgraph import HighLevelGraph
 from . import _api, _backends, _regions
 from . import _validate as v
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
+from ._plan import output_shape
 
 # Chunk boundaries closer than this are merged into one tile when grouping boxes, so that small
 # chunks do not scatter the boxes over many tiny tasks.
@@ -355,10 +356,6 @@ def _out_index(j, ci, p):
     return (j, 0, 0, ci) if p.channels_last else (j, ci, 0, 0)
 
 
-def _out_shape(k, c, p):
-    return (k, p.pooled_h, p.pooled_w, c) if p.channels_last else (k, c, p.pooled_h, p.pooled_w)
-
-
 class _Call:
     """The in-memory call each task makes (small and picklable: shipped with every task)."""
 
@@ -411,7 +408,7 @@ def _pool_region(blocks, task, channels):
     rois, exact = xp.asarray(rois), task.exact
     if exact.all() or not exact.any():
         return call(region, rois, not bool(exact.all()))
-    out = xp.empty(_out_shape(len(exact), channels, call.p), call.dtype)
+    out = xp.empty(output_shape(len(exact), channels, call.p), call.dtype)
     for flag in (True, False):
         sel = xp.asarray(np.flatnonzero(exact == flag))
         out[sel] = call(region, rois[sel], not flag)
@@ -425,7 +422,7 @@ def _gather(parts, task, channels):
     if len(parts) == 1 and len(task.rows[0]) == task.size == parts[0].shape[0] and \
             np.array_equal(task.rows[0], task.dsts[0]):
         return parts[0]  # the group is these boxes, in order
-    out = xp.zeros(_out_shape(task.size, channels, task.call.p), task.call.dtype)
+    out = xp.zeros(output_shape(task.size, channels, task.call.p), task.call.dtype)
     for part, r, d in zip(parts, task.rows, task.dsts):
         out[xp.asarray(d)] = part[xp.asarray(r)]
     return out

@@ -18,7 +18,7 @@ differentiable: a double backward raises a RuntimeError.
 """
 import contextlib
 import math
-from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
