@@ -224,3 +224,158 @@ def numerical_box_grad(fn, rois, eps=1e-6):
         minus[idx] -= eps
         grad[idx] = (fn(plus) - fn(minus)) / (2 * eps)
     return grad
+
+
+# ---------------------------------------------------------------------------------------------
+# RoIPool and the position-sensitive operators (conventions sections 8 and 9)
+
+def round_half_away(v):
+    """C's round(): halves go away from zero (numpy's round goes to even)."""
+    a = abs(v)
+    r = math.floor(a)
+    if a - r >= 0.5:
+        r += 1
+    return int(math.copysign(r, v)) if r else 0
+
+
+def integer_bins(roi, PH, PW, spatial_scale, H, W, op, dtype=np.float64, edge="torchvision"):
+    """Pixel windows of one box ``roi`` = (x1, y1, x2, y2) for "roi_pool" or "ps_roi_pool"
+    (conventions 8.1-8.3, 9.2): (hs, he, ws, we) lists of PH and PW half-open ranges, clipped.
+    Products and bin sizes are formed in ``dtype``, as the peers' kernels form them."""
+    t = np.dtype(dtype).type
+    s = t(spatial_scale)
+    x1, y1, x2, y2 = (round_half_away(float(t(v) * s)) for v in roi)
+    grow = 1 if op == "roi_pool" else 0
+    roi_w = max(x2 - x1 + grow, 1)
+    roi_h = max(y2 - y1 + grow, 1)
+    bin_h = t(roi_h) / t(PH)
+    bin_w = t(roi_w) / t(PW)
+    top_h, top_w = (H - 1, W - 1) if op == "ps_roi_pool" and edge == "torchvision" else (H, W)
+
+    def windows(n, size, start, top):
+        lo = [min(max(int(math.floor(t(p) * size)) + start, 0), top) for p in range(n)]
+        hi = [min(max(int(math.ceil(t(p + 1) * size)) + start, 0), top) for p in range(n)]
+        return lo, hi
+
+    hs, he = windows(PH, bin_h, y1, top_h)
+    ws, we = windows(PW, bin_w, x1, top_w)
+    return hs, he, ws, we
+
+
+def roi_pool_ref(features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, dtype=np.float64):
+    """RoIPool (conventions 8): the largest pixel of each integer bin (numpy.max: NaN wins), 0 for
+    an empty bin. Returns (out (K, C, PH, PW) float64, argmax (K, C, PH, PW) flat pixel index or -1)."""
+    x = np.asarray(features_nchw, dtype=np.float64)
+    N, C, H, W = x.shape
+    out = np.zeros((len(rois_k4), C, PH, PW))
+    arg = np.full(out.shape, -1, np.int64)
+    for k, roi in enumerate(rois_k4):
+        hs, he, ws, we = integer_bins(roi, PH, PW, spatial_scale, H, W, "roi_pool", dtype)
+        plane = x[int(batch_idx[k])]
+        for ph in range(PH):
+            for pw in range(PW):
+                if he[ph] <= hs[ph] or we[pw] <= ws[pw]:
+                    continue
+                win = plane[:, hs[ph]:he[ph], ws[pw]:we[pw]].reshape(C, -1)
+                j = np.argmax(win, axis=1)  # first maximum, or first NaN
+                out[k, :, ph, pw] = win[np.arange(C), j]
+                arg[k, :, ph, pw] = (hs[ph] + j // (we[pw] - ws[pw])) * W + ws[pw] + j % (we[pw] - ws[pw])
+    return out, arg
+
+
+def roi_pool_backward_ref(grad_out, features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale,
+                          dtype=np.float64):
+    """Gradient of RoIPool wrt the features: each bin's gradient goes to its arg-max pixel."""
+    x = np.asarray(features_nchw)
+    N, C, H, W = x.shape
+    _, arg = roi_pool_ref(x, rois_k4, batch_idx, PH, PW, spatial_scale, dtype)
+    grad = np.zeros((N, C, H * W))
+    g = np.asarray(grad_out, dtype=np.float64)
+    for k in range(len(rois_k4)):
+        b = int(batch_idx[k])
+        for c in range(C):
+            for ph in range(PH):
+                for pw in range(PW):
+                    if arg[k, c, ph, pw] >= 0:
+                        grad[b, c, arg[k, c, ph, pw]] += g[k, c, ph, pw]
+    return grad.reshape(N, C, H, W)
+
+
+def ps_channel(c, ph, pw, PH, PW):
+    """Input channel read by bin (ph, pw) of output channel c (conventions 9.1)."""
+    return (c * PH + ph) * PW + pw
+
+
+def ps_roi_pool_ref(features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, dtype=np.float64,
+                    edge="torchvision"):
+    """Position-sensitive RoIPool (conventions 9.2): the mean of each integer bin of its channel."""
+    x = np.asarray(features_nchw, dtype=np.float64)
+    N, C, H, W = x.shape
+    Co = C // (PH * PW)
+    out = np.zeros((len(rois_k4), Co, PH, PW))
+    for k, roi in enumerate(rois_k4):
+        hs, he, ws, we = integer_bins(roi, PH, PW, spatial_scale, H, W, "ps_roi_pool", dtype, edge)
+        for c in range(Co):
+            for ph in range(PH):
+                for pw in range(PW):
+                    if he[ph] <= hs[ph] or we[pw] <= ws[pw]:
+                        continue
+                    plane = x[int(batch_idx[k]), ps_channel(c, ph, pw, PH, PW)]
+                    out[k, c, ph, pw] = plane[hs[ph]:he[ph], ws[pw]:we[pw]].mean()
+    return out
+
+
+def ps_roi_pool_backward_ref(grad_out, feature_shape, rois_k4, batch_idx, PH, PW, spatial_scale,
+                             dtype=np.float64, edge="torchvision"):
+    N, C, H, W = feature_shape
+    Co = C // (PH * PW)
+    grad = np.zeros(feature_shape)
+    g = np.asarray(grad_out, dtype=np.float64)
+    for k, roi in enumerate(rois_k4):
+        hs, he, ws, we = integer_bins(roi, PH, PW, spatial_scale, H, W, "ps_roi_pool", dtype, edge)
+        for c in range(Co):
+            for ph in range(PH):
+                for pw in range(PW):
+                    if he[ph] <= hs[ph] or we[pw] <= ws[pw]:
+                        continue
+                    area = (he[ph] - hs[ph]) * (we[pw] - ws[pw])
+                    grad[int(batch_idx[k]), ps_channel(c, ph, pw, PH, PW),
+                         hs[ph]:he[ph], ws[pw]:we[pw]] += g[k, c, ph, pw] / area
+    return grad
+
+
+def ps_roi_align_ref(features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, sampling_ratio):
+    """Position-sensitive RoIAlign (conventions 9.3): section 1's samples with aligned=True, bin
+    (ph, pw) of output channel c averaged from input channel ps_channel(c, ph, pw)."""
+    x = np.asarray(features_nchw, dtype=np.float64)
+    N, C, H, W = x.shape
+    Co = C // (PH * PW)
+    out = np.zeros((len(rois_k4), Co, PH, PW))
+    for k, roi in enumerate(rois_k4):
+        ys, xs, count = aligned_samples(roi, PH, PW, spatial_scale, sampling_ratio, True)
+        for ph in range(PH):
+            for pw in range(PW):
+                if ys[ph, pw].size == 0:
+                    continue
+                chans = [ps_channel(c, ph, pw, PH, PW) for c in range(Co)]
+                vals = sample_values(x[int(batch_idx[k])][chans], ys[ph, pw], xs[ph, pw], "avg")
+                out[k, :, ph, pw] = vals.sum(axis=0) / count
+    return out
+
+
+def ps_roi_align_backward_ref(grad_out, feature_shape, rois_k4, batch_idx, PH, PW, spatial_scale,
+                              sampling_ratio):
+    N, C, H, W = feature_shape
+    Co = C // (PH * PW)
+    grad = np.zeros(feature_shape)
+    g = np.asarray(grad_out, dtype=np.float64)
+    for k, roi in enumerate(rois_k4):
+        b = int(batch_idx[k])
+        ys, xs, count = aligned_samples(roi, PH, PW, spatial_scale, sampling_ratio, True)
+        for ph in range(PH):
+            for pw in range(PW):
+                chans = [ps_channel(c, ph, pw, PH, PW) for c in range(Co)]
+                for y, xx in zip(ys[ph, pw].ravel(), xs[ph, pw].ravel()):
+                    for r, col, w in bilinear_taps(y, xx, H, W):
+                        grad[b, chans, r, col] += g[k, :, ph, pw] * w / count
+    return grad
