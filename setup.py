@@ -61,7 +61,7 @@ def _openmp_flags(compiler):
 # instead of twice, and the variants would then differ from the baseline (and from one another
 # where the compiler fuses differently) in the last bits; without it every variant computes the
 # baseline's bits, wider vectors doing the same operations.
-KERNELS = ["_roi_align", "_roi_align_rotated"]
+KERNELS = ["_roi_align", "_roi_align_rotated", "_roi_pool"]
 # (x86-64-v4, AVX-512, measured no faster than v3 here and cost 40 s of CPU per build: not built)
 VARIANT_FLAGS = {"_x86_64_v3": ["-march=x86-64-v3", "-ffp-contract=off"]}
 

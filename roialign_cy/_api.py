@@ -5,7 +5,7 @@ import numpy as np
 
 from . import _backends
 from . import _validate as v
-from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, GRID_SATURATE, OpParams
+from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, EDGES, GRID_SATURATE, OPS, OpParams
 from ._plan import Plan
 from ._typing import (Array, ArrayLike, Backend, BoxGrad, Boxes, FeaturesOrShape, Layout, Mode,
                       OutputSize, Wrt)
@@ -13,16 +13,17 @@ from ._typing import (Array, ArrayLike, Backend, BoxGrad, Boxes, FeaturesOrShape
 
 def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio,
              aligned, mode, layout, backend, n_threads, max_samples_per_bin, clockwise=False,
-             deterministic=True, extra_arrays=None, shape_only_dtype=None, allow_inverted=False):
+             deterministic=True, extra_arrays=None, shape_only_dtype=None, allow_inverted=False,
+             edge="torchvision"):
     """Validate every argument; return (Plan, features validated, or None when only their shape
-    was given)."""
+    was given). ``op`` is a key of ``OPERATORS``."""
     rotated = op == "roi_align_rotated"
     arrays = {"features": None if shape_only_dtype is not None else features, "boxes": boxes,
               "batch_indices": batch_indices}
     arrays.update(extra_arrays or {})
     backend = _backends.select(op, arrays, backend)
     p = params(rotated, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
-               clockwise, deterministic, n_threads)
+               clockwise, deterministic, n_threads, "roi_align" if rotated else op, edge)
     layout = "NHWC" if p.channels_last else "NCHW"
     max_samples_per_bin = v.max_samples(max_samples_per_bin)
     if shape_only_dtype is not None:
@@ -35,6 +36,8 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     else:
         features = v.features(features, layout, backend)
         shape, dtype = tuple(features.shape), features.dtype
+    if p.position_sensitive:
+        v.position_sensitive_channels(shape, layout, p.pooled_h, p.pooled_w, op)
     n_images = shape[0]
     # float16 features keep float32 boxes: half precision cannot place a box to the pixel
     box_dtype = np.float32 if dtype == np.float16 else dtype
@@ -46,17 +49,36 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     v.spatial_extent(shape, layout, rois.shape[0])
     if check_order and checked is None:
         v.box_order(rois, rotated)
-    grid = _grid_sizes(rois, p)
-    v.sample_bound(max_samples_per_bin, *grid)
+    grid = None
+    if not p.integer_bins:  # integer bins are bounded by the map: no sampling grid to bound
+        grid = _grid_sizes(rois, p)
+        v.sample_bound(max_samples_per_bin, *grid)
     plan = Plan(_backends.module(backend), shape, dtype, rois, batch_idx, form,
                 {"boxes": boxes, "batch_indices": batch_indices}, p,
                 grid if backend == "cpu" else None)
     return plan, features
 
 
+def _fixed_params(op, mode, aligned, sampling_ratio):
+    """(mode, aligned, sampling_ratio) of roi_pool / ps_roi_* whose convention fixes them; a value
+    given to ``plan`` that contradicts the operator is refused rather than ignored."""
+    fixed = {"roi_pool": ("max", False, 0), "ps_roi_pool": ("avg", False, 0),
+             "ps_roi_align": ("avg", True, sampling_ratio)}[op]
+    if mode != "avg" and mode != fixed[0]:
+        raise ValueError(f"mode={mode!r} does not apply to op={op!r} (it pools by "
+                         f"{'max' if fixed[0] == 'max' else 'average'})")
+    if aligned is not None and op == "ps_roi_align" and aligned is not True:
+        raise ValueError("ps_roi_align always samples with the half-pixel offset (aligned=True)")
+    if op != "ps_roi_align" and (aligned or sampling_ratio not in (-1, 0)):
+        raise ValueError(f"op={op!r} pools whole pixels: aligned and sampling_ratio do not apply")
+    return fixed
+
+
 def params(rotated, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
-           clockwise=False, deterministic=True, n_threads=None):
-    """The scalar arguments of any operator, checked -> OpParams."""
+           clockwise=False, deterministic=True, n_threads=None, op="roi_align",
+           edge="torchvision"):
+    """The scalar arguments of any operator, checked -> OpParams. roi_pool and ps_roi_pool take
+    no sampling_ratio or aligned (pass 0 and False); ps_roi_align is always aligned."""
     layout = v.check_choice("layout", layout, v.LAYOUTS)
     mode = v.check_choice("mode", mode, ("avg",) if rotated else v.MODES)
     ph, pw = v.output_size(output_size)
@@ -69,7 +91,8 @@ def params(rotated, output_size, spatial_scale, sampling_ratio, aligned, mode, l
                     channels_last=layout == "NHWC", rotated=rotated,
                     clockwise=v.check_flag("clockwise", clockwise),
                     n_threads=v.n_threads(n_threads),
-                    deterministic=v.check_flag("deterministic", deterministic))
+                    deterministic=v.check_flag("deterministic", deterministic), op=op,
+                    edge=v.check_choice("edge", edge, EDGES))
 
 
 def _grid_sizes(rois, p):
@@ -81,18 +104,19 @@ def _grid_sizes(rois, p):
 
 def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
              layout, batch_indices, backend, n_threads, out, max_samples_per_bin, clockwise=False,
-             allow_inverted=False):
+             allow_inverted=False, edge="torchvision"):
     plan, checked = _prepare(
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
-        extra_arrays={"out": out}, allow_inverted=allow_inverted)
+        extra_arrays={"out": out}, allow_inverted=allow_inverted, edge=edge)
     return plan._forward(checked, out, features)
 
 
 def _backward(op, grad_output, features, boxes, output_size, spatial_scale, sampling_ratio,
               aligned, mode, layout, batch_indices, wrt, backend, n_threads, deterministic,
-              max_samples_per_bin, clockwise=False, allow_inverted=False):
+              max_samples_per_bin, clockwise=False, allow_inverted=False, edge="torchvision"):
     wrt = v.check_choice("wrt", wrt, ("features", "boxes", "both"))
+    v.no_box_gradient(op, wrt)
     shape_only = isinstance(features, (tuple, list)) and not _looks_like_array(features)
     if shape_only and wrt != "features":
         raise ValueError(
@@ -101,8 +125,9 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
             "the shape)"
         )
     if shape_only and mode != "avg":
+        what = "roi_pool" if op == "roi_pool" else f"mode={mode!r}"
         raise ValueError(
-            f"features must be the feature array, not just its shape, for mode={mode!r}: the "
+            f"features must be the feature array, not just its shape, for {what}: the "
             "max-mode gradient reads the feature values to find each bin's maximum"
         )
     if mode == "onnx_max":
@@ -113,7 +138,7 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
         deterministic=deterministic, extra_arrays={"grad_output": grad_output},
         shape_only_dtype=_grad_dtype(grad_output, backend) if shape_only else None,
-        allow_inverted=allow_inverted)
+        allow_inverted=allow_inverted, edge=edge)
     p = plan.params
     grad_output = v.grad_output(grad_output, plan.output_shape(), plan.dtype, plan.backend)
     return plan._backward(grad_output, checked, plan.feature_shape, wrt, p)
@@ -141,7 +166,8 @@ def plan(boxes: Boxes, feature_shape: Sequence[int], output_size: OutputSize,
          batch_indices: Optional[ArrayLike] = None, clockwise: bool = False,
          dtype: Any = np.float32, backend: Backend = "auto", n_threads: Optional[int] = None,
          max_samples_per_bin: int = DEFAULT_MAX_SAMPLES_PER_BIN,
-         allow_inverted: bool = False) -> Plan:
+         allow_inverted: bool = False, op: str = "roi_align",
+         edge: str = "torchvision") -> Plan:
     """Validate boxes and parameters once, for any number of forward and backward calls.
 
     Returns a :class:`~roialign_cy._plan.Plan` ``p``: ``p.forward(features, out=None)`` equals
@@ -165,10 +191,22 @@ def plan(boxes: Boxes, feature_shape: Sequence[int], output_size: OutputSize,
         Boxes are rotated (K, 6) [b, cx, cy, w, h, angle_degrees] (``roi_align_rotated``).
     dtype : float32 or float64 (float16 too with the cuda backend)
         The features' dtype (it also sets the precision the boxes are placed in).
+    op : "roi_align" | "roi_pool" | "ps_roi_align" | "ps_roi_pool"
+        The operator the plan runs (``rotated=True`` needs "roi_align"). roi_pool and
+        ps_roi_pool take no sampling_ratio or aligned; ps_roi_align is always aligned.
+    edge : "torchvision" | "image"
+        ps_roi_pool's clipping rule, as in :func:`ps_roi_pool`.
     """
-    op = "roi_align_rotated" if rotated is True else "roi_align"
+    op = v.check_choice("op", op, OPS)
     if not isinstance(rotated, (bool, np.bool_)):
         raise TypeError(f"rotated must be a bool, got {type(rotated).__name__} {rotated!r}")
+    if rotated and op != "roi_align":
+        raise ValueError(f"rotated=True is RoIAlign over rotated boxes; op={op!r} takes "
+                         "axis-aligned boxes only")
+    if op != "roi_align":
+        mode, aligned, sampling_ratio = _fixed_params(op, mode, aligned, sampling_ratio)
+    elif rotated:
+        op = "roi_align_rotated"
     if aligned is None:
         aligned = bool(rotated)
     try:
@@ -178,7 +216,7 @@ def plan(boxes: Boxes, feature_shape: Sequence[int], output_size: OutputSize,
     made = _prepare(op, feature_shape, boxes, batch_indices, output_size, spatial_scale,
                     sampling_ratio, aligned, mode, layout, backend, n_threads, max_samples_per_bin,
                     clockwise=clockwise, shape_only_dtype=dtype,
-                    allow_inverted=allow_inverted)[0]
+                    allow_inverted=allow_inverted, edge=edge)[0]
     # a plan outlives the call: it keeps copies, not views of the caller's boxes, which may change
     made._rois, made._batch_idx = made._rois.copy(), made._batch_idx.copy()
     return made

@@ -27,6 +27,9 @@ from . import _params
 OPERATORS: Dict[str, Dict[str, Any]] = {
     "roi_align": {"gradient": "roi_align_backward", "devices": ("cpu", "cuda")},
     "roi_align_rotated": {"gradient": "roi_align_rotated_backward", "devices": ("cpu", "cuda")},
+    "roi_pool": {"gradient": "roi_pool_backward", "devices": ("cpu", "cuda")},
+    "ps_roi_align": {"gradient": "ps_roi_align_backward", "devices": ("cpu", "cuda")},
+    "ps_roi_pool": {"gradient": "ps_roi_pool_backward", "devices": ("cpu", "cuda")},
 }
 BACKENDS = ("auto", "cpu", "cuda")
 _MODULES = {"cpu": "roialign_cy._cpu", "cuda": "roialign_cy._cuda"}

@@ -11,7 +11,10 @@ _WRT = ("features", "boxes", "both")
 
 
 def output_shape(k, channels, p):
-    """Shape of the output of k boxes on maps of ``channels`` channels."""
+    """Shape of the output of k boxes on maps of ``channels`` channels (the position-sensitive
+    operators give channels / (PH * PW))."""
+    if p.position_sensitive:
+        channels //= p.pooled_h * p.pooled_w
     if p.channels_last:
         return (k, p.pooled_h, p.pooled_w, channels)
     return (k, channels, p.pooled_h, p.pooled_w)
@@ -48,7 +51,8 @@ class Plan:
     def __repr__(self):
         p = self.params
         kind = "rotated " if p.rotated else ""
-        return (f"<roialign_cy plan: {len(self._rois)} {kind}boxes on {self.feature_shape} "
+        op = "" if p.op == "roi_align" else f"{p.op} "
+        return (f"<roialign_cy {op}plan: {len(self._rois)} {kind}boxes on {self.feature_shape} "
                 f"{self.dtype.name} {'NHWC' if p.channels_last else 'NCHW'}, output "
                 f"{(p.pooled_h, p.pooled_w)}, {self.backend}>")
 
@@ -89,6 +93,10 @@ class Plan:
                              f"{tuple(want[i] for i in spatial)} (shape {want}), got shape {got}")
         if features.dtype != self.dtype:
             raise TypeError(f"features must have the plan's dtype {self.dtype}, got {features.dtype}")
+        if self.params.position_sensitive:
+            p = self.params
+            v.position_sensitive_channels(got, "NHWC" if p.channels_last else "NCHW",
+                                          p.pooled_h, p.pooled_w, p.op)
         return features
 
     def forward(self, features, out=None):
@@ -118,12 +126,14 @@ class Plan:
         wrt = v.check_choice("wrt", wrt, _WRT)
         p = dataclasses.replace(self.params, deterministic=v.check_flag("deterministic",
                                                                         deterministic))
+        v.no_box_gradient(p.op, wrt)
         if p.mode == "onnx_max":
             raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "
                              "gradient; use mode='max' (mmcv) for a differentiable max")
         if features is None and (wrt != "features" or p.mode != "avg"):
             what = (f"wrt={wrt!r}: the box gradient" if wrt != "features"
-                    else f"mode={p.mode!r}: the max-mode gradient")
+                    else f"{'roi_pool' if p.op == 'roi_pool' else f'mode={p.mode!r}'}: the "
+                    "max-mode gradient")
             raise ValueError(f"features are needed for {what} reads the feature values")
         if features is not None:
             features = self._features(features)

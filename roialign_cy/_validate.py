@@ -117,6 +117,30 @@ def features(array, layout, backend):
     return xp.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
 
 
+def position_sensitive_channels(shape, layout, ph, pw, op):
+    """The position-sensitive operators read channel (c * PH + ph) * PW + pw: C must be a
+    multiple of PH * PW."""
+    c = shape[3] if layout == "NHWC" else shape[1]
+    if c % (ph * pw):
+        raise ValueError(
+            f"features must have a multiple of output_size[0] * output_size[1] = {ph * pw} "
+            f"channels for {op} (C_out x {ph} x {pw}), got {c} channels (shape {tuple(shape)}, "
+            f"{layout})")
+
+
+def no_box_gradient(op, wrt):
+    """The operators without a box gradient refuse wrt="boxes" / "both", saying why."""
+    if wrt == "features" or op in ("roi_align", "roi_align_rotated"):
+        return
+    if op == "ps_roi_align":
+        why = ("roialign_cy computes only the feature gradient of ps_roi_align (torchvision has no "
+               "box gradient either)")
+    else:
+        why = (f"{op} rounds the boxes to whole pixels: its output is piecewise constant in the "
+               "boxes, whose gradient is 0 wherever it exists")
+    raise ValueError(f"wrt={wrt!r} is not available: {why}; use wrt='features'")
+
+
 def spatial_extent(shape, layout, k):
     """Boxes need pixels to sample: an empty H or W leaves a bilinear sample no neighbours."""
     h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])

@@ -27,7 +27,7 @@ try:
     from ._variants import kernels as _kernels
 
     # the build for the best instruction set this CPU runs (or $ROIALIGN_CY_SIMD): _variants
-    _roi_align, _roi_align_rotated = _kernels()
+    _roi_align, _roi_align_rotated, _roi_pool = _kernels()
 except ImportError as exc:
     _here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.exists(os.path.join(_here, "_roi_align.pyx")):
@@ -99,6 +99,9 @@ def grid_sizes(rois, p, level=None, scales=None):
     if p.rotated:
         return _roi_align_rotated.grid_sizes(rois, p.pooled_h, p.pooled_w, p.spatial_scale,
                                              p.sampling_ratio, p.aligned)
+    if p.integer_bins:  # roi_pool / ps_roi_pool pool whole pixels: no sampling grid
+        none = np.zeros(len(rois), np.int64)
+        return none, none
     level, scales = _levels(len(rois), level, scales, p)
     return _roi_align.grid_sizes(rois, level, scales, p.pooled_h, p.pooled_w, p.sampling_ratio,
                                  p.aligned)
@@ -243,7 +246,12 @@ class Run:
         for j0, j1 in runs:
             # a table row costs well under a microsecond: small runs are not worth a thread team
             n_threads = max(1, min(self.n_threads, (j1 - j0) // _MIN_BOXES_PER_TABLE_THREAD))
-            if p.rotated:
+            if p.integer_bins:
+                _, _, h, w = self.shapes[0]
+                t = _roi_pool.windows(self.rois, self.order, h, w, p.pooled_h, p.pooled_w,
+                                      p.spatial_scale, _roi_pool.OPS[p.op], p.edge == "image",
+                                      n_threads)
+            elif p.rotated:
                 _, _, h, w = self.shapes[0]
                 t = _roi_align_rotated.make_tables(
                     self.rois, self.order, self.bin0, self.bin1, j0, j1, self.gh, self.gw, h, w,
@@ -317,6 +325,14 @@ def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None):
         return
     run, n_threads = _run_of(run, maps, rois, batch_idx, p, out.size, level, scales)
     for j0, j1, t in run.chunks():
+        if p.op == "ps_roi_align":
+            _roi_align.ps_forward(maps[0], *run.where(), j0, j1, run.gh, run.gw, t, out,
+                                  p.channels_last, n_threads)
+            continue
+        if p.integer_bins:
+            _roi_pool.forward(maps[0], out, t, *run.where(), _roi_pool.OPS[p.op],
+                              p.channels_last, n_threads)
+            continue
         blocks = run.blocks(j0, j1, True, _shape(maps[0], p)[1], n_threads)
         if p.rotated:
             _roi_align_rotated.forward(maps[0], batch_idx, *run.where(), j0, j1, run.gh, run.gw,
@@ -334,13 +350,22 @@ def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run
 
 def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p, run=None):
     """Add the feature gradient of every level into ``grads`` (shaped like ``maps``, zeroed by
-    the caller); a map may be None in avg mode, which reads no feature value."""
+    the caller); a map may be None in avg mode, which reads no feature value. roi_pool,
+    ps_roi_align and ps_roi_pool (``p.op``) take one level."""
     if grad_out.size == 0:
         return
     # avg mode reads no feature value; any array of the shape will do
     maps = [g if m is None else m for m, g in zip(maps, grads)]
     run, n_threads = _run_of(run, maps, rois, batch_idx, p, grad_out.size, level, scales)
     for j0, j1, t in run.chunks():
+        if p.op == "ps_roi_align":
+            _roi_align.ps_backward(grad_out, grads[0], *run.where(), j0, j1, run.gh, run.gw, t,
+                                   p.channels_last, n_threads)
+            continue
+        if p.integer_bins:
+            _roi_pool.backward(grad_out, maps[0], grads[0], t, *run.where(), _roi_pool.OPS[p.op],
+                               p.channels_last, n_threads)
+            continue
         blocks = run.blocks(j0, j1, False, _shape(maps[0], p)[1], n_threads)
         if p.rotated:
             _roi_align_rotated.backward_features(grad_out, batch_idx, *run.where(), j0, j1,

@@ -904,3 +904,125 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, list maps, const float
         k = order[j]
         finish_box_grad(rois, grad_rois, k, &partial[q * nblocks * 4], PH, PW, scales[level[k]],
                         aligned)
+
+
+# ---------------------------------------------------------------------------------------------
+# position-sensitive RoIAlign (conventions 9.3): bin (ph, pw) of output channel c reads input
+# channel (c * PH + ph) * PW + pw. Tasks own input planes, as in _roi_pool.pyx: the plane stays
+# in cache across an image's boxes, and each gradient plane is written by one thread in box order.
+
+cdef inline void ps_plane(Py_ssize_t ci, Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t* c,
+                          Py_ssize_t* ph, Py_ssize_t* pw) noexcept nogil:
+    c[0], ph[0], pw[0] = ci // (PH * PW), (ci // PW) % PH, ci % PW
+
+
+cdef inline Py_ssize_t ps_out_index(bint channels_last, Py_ssize_t Co, Py_ssize_t PH,
+                                    Py_ssize_t PW, Py_ssize_t k, Py_ssize_t c, Py_ssize_t ph,
+                                    Py_ssize_t pw) noexcept nogil:
+    if channels_last:
+        return ((k * PH + ph) * PW + pw) * Co + c
+    return ((k * Co + c) * PH + ph) * PW + pw
+
+
+cdef inline floating ps_average(const floating* plane, Py_ssize_t cs, Py_ssize_t W, const Axes* A,
+                                Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    """Mean of bin (ph, pw)'s samples on one plane, summed sample by sample in the peers' order
+    (samples outside the image are 0 and read nothing); an empty grid gives 0."""
+    cdef Py_ssize_t iy, ix, a, b
+    cdef floating s = 0
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
+    if A.gh == 0 or A.gw == 0:
+        return 0
+    for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
+        a = ph * A.gh + iy
+        for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
+            b = pw * A.gw + ix
+            s = s + bilerp(wy0[a], wy1[a], wx0[b], wx1[b],
+                           plane[(A.ylo[a] * W + A.xlo[b]) * cs], plane[(A.ylo[a] * W + A.xhi[b]) * cs],
+                           plane[(A.yhi[a] * W + A.xlo[b]) * cs], plane[(A.yhi[a] * W + A.xhi[b]) * cs])
+    return s / <floating>(A.gh * A.gw)
+
+
+cdef inline void ps_scatter(floating* gplane, Py_ssize_t cs, Py_ssize_t W, const Axes* A,
+                            Py_ssize_t ph, Py_ssize_t pw, floating g) noexcept nogil:
+    """Each sample of bin (ph, pw) inside the image sends g * weight / count to its 4 taps."""
+    cdef Py_ssize_t iy, ix, a, b
+    cdef floating count
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
+    if A.gh == 0 or A.gw == 0:
+        return
+    count = <floating>(A.gh * A.gw)
+    for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
+        a = ph * A.gh + iy
+        for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
+            b = pw * A.gw + ix
+            gplane[(A.ylo[a] * W + A.xlo[b]) * cs] += g * (wy0[a] * wx0[b]) / count
+            gplane[(A.ylo[a] * W + A.xhi[b]) * cs] += g * (wy0[a] * wx1[b]) / count
+            gplane[(A.yhi[a] * W + A.xlo[b]) * cs] += g * (wy1[a] * wx0[b]) / count
+            gplane[(A.yhi[a] * W + A.xhi[b]) * cs] += g * (wy1[a] * wx1[b]) / count
+
+
+def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
+               const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
+               const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
+               floating[:, :, :, ::1] out, bint channels_last, int n_threads):
+    """Position-sensitive pooling of the boxes at sorted positions j0..j1 into ``out``: one task
+    per (image, input plane, run of its boxes)."""
+    cdef Py_ssize_t N = x.shape[0], C, H, W, Co, PH, PW, cs, runs, task, n, ci, r, lo, hi, j, k
+    cdef Py_ssize_t c, ph, pw, off
+    cdef const TableSet* T = &t.ts
+    cdef Axes A
+    cdef const floating* X = &x[0, 0, 0, 0]
+    cdef floating* O = &out[0, 0, 0, 0]
+    if channels_last:
+        H, W, C, PH, PW, Co, cs = x.shape[1], x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], x.shape[3]
+    else:
+        C, H, W, Co, PH, PW, cs = x.shape[1], x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], 1
+    # split each image's boxes into runs when there are fewer planes than 4 tasks per thread
+    runs = max(1, min(j1 - j0, (4 * n_threads + N * C - 1) // (N * C)))
+    for task in prange(N * C * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // (C * runs)
+        ci = (task // runs) % C
+        r = task % runs
+        lo = max(img_start[n], j0)
+        hi = min(img_start[n + 1], j1)
+        if hi <= lo:
+            continue
+        ps_plane(ci, PH, PW, &c, &ph, &pw)
+        off = n * H * W * C + ci if channels_last else (n * C + ci) * H * W
+        for j in range(lo + (hi - lo) * r // runs, lo + (hi - lo) * (r + 1) // runs):
+            k = order[j]
+            A = axes_at(T, j - j0, gh[k], gw[k])
+            O[ps_out_index(channels_last, Co, PH, PW, k, c, ph, pw)] = ps_average(X + off, cs, W, &A, ph, pw)
+
+
+def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad,
+                const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
+                Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
+                bint channels_last, int n_threads):
+    """Add the feature gradient of the boxes at sorted positions j0..j1 into ``grad``: one task
+    per (image, input plane), boxes in sorted order (bit-identical for any thread count)."""
+    cdef Py_ssize_t N = grad.shape[0], C, H, W, Co, PH, PW, cs, task, n, ci, j, k, c, ph, pw, off
+    cdef const TableSet* T = &t.ts
+    cdef Axes A
+    cdef const floating* G = &grad_out[0, 0, 0, 0]
+    cdef floating* GX = &grad[0, 0, 0, 0]
+    if channels_last:
+        H, W, C, PH, PW, Co, cs = grad.shape[1], grad.shape[2], grad.shape[3], grad_out.shape[1], grad_out.shape[2], grad_out.shape[3], grad.shape[3]
+    else:
+        C, H, W, Co, PH, PW, cs = grad.shape[1], grad.shape[2], grad.shape[3], grad_out.shape[1], grad_out.shape[2], grad_out.shape[3], 1
+    for task in prange(N * C, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // C
+        ci = task % C
+        ps_plane(ci, PH, PW, &c, &ph, &pw)
+        off = n * H * W * C + ci if channels_last else (n * C + ci) * H * W
+        for j in range(max(img_start[n], j0), min(img_start[n + 1], j1)):
+            k = order[j]
+            A = axes_at(T, j - j0, gh[k], gw[k])
+            ps_scatter(GX + off, cs, W, &A, ph, pw, G[ps_out_index(channels_last, Co, PH, PW, k, c, ph, pw)])

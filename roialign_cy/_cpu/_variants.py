@@ -21,7 +21,7 @@ ENV = "ROIALIGN_CY_SIMD"
 # highest first; the module suffix each build's kernels carry (setup.py builds the same list)
 VARIANTS = ("x86-64-v3", "baseline")
 SUFFIX = {"baseline": "", "x86-64-v3": "_x86_64_v3"}
-KERNELS = ("_roi_align", "_roi_align_rotated")
+KERNELS = ("_roi_align", "_roi_align_rotated", "_roi_pool")
 
 # CPUID bits of the x86-64 psABI levels: feature -> (leaf, register 0..3 = eax..edx, bit); the
 # names are Linux's /proc/cpuinfo flags
@@ -90,7 +90,7 @@ def runnable():
 
 
 def modules(variant):
-    """The kernel modules (_roi_align, _roi_align_rotated) of ``variant``."""
+    """The kernel modules (_roi_align, _roi_align_rotated, _roi_pool) of ``variant``."""
     return tuple(importlib.import_module(f"{__package__}.{k}{SUFFIX[variant]}") for k in KERNELS)
 
 
