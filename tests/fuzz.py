@@ -39,7 +39,22 @@ TARGETS = {
     "roi_align_backward": ("backward", False),
     "roi_align_rotated": ("forward", True),
     "roi_align_rotated_backward": ("backward", True),
+    "roi_pool": ("forward", False),
+    "roi_pool_backward": ("backward", False),
+    "ps_roi_align": ("forward", False),
+    "ps_roi_align_backward": ("backward", False),
+    "ps_roi_pool": ("forward", False),
+    "ps_roi_pool_backward": ("backward", False),
 }
+
+
+def position_sensitive(target):
+    """The output has C / (PH * PW) channels (and C must be a multiple of PH * PW)."""
+    return target.startswith("ps_")
+
+
+def box_gradient(target):
+    return target.startswith("roi_align")
 
 # the outcomes the contract allows, then the failures
 ALLOWED = ("returned", "ValueError", "TypeError", "MemoryError")
@@ -74,6 +89,7 @@ class Plan:
     pw: int
     scale: float
     values_seed: int
+    ps: bool = False
 
     @property
     def fshape(self):
@@ -81,9 +97,10 @@ class Plan:
 
     @property
     def oshape(self):
+        c = self.c // (self.ph * self.pw) if self.ps else self.c
         if self.layout == "NCHW":
-            return (self.k, self.c, self.ph, self.pw)
-        return (self.k, self.ph, self.pw, self.c)
+            return (self.k, c, self.ph, self.pw)
+        return (self.k, self.ph, self.pw, c)
 
 
 def _arg(lines, src, label, invalid=""):
@@ -110,6 +127,7 @@ def _rows(rows):
 class _Gen:
     def __init__(self, target, seed, index):
         self.kind, rotated = TARGETS[target]
+        self.target = target
         self.rng = np.random.default_rng([seed, index])
         r = self.rng
         # the chance that an argument is invalid (documented as refused), or extreme (legal but at
@@ -125,6 +143,9 @@ class _Gen:
             layout=str(r.choice(["NCHW", "NHWC"])), dtype=str(r.choice(["float32", "float64"])),
             k=int(r.choice([0, 1, 2, 3, 5])), ph=int(r.integers(1, 5)), pw=int(r.integers(1, 5)),
             scale=float(r.choice([1.0, 0.5, 0.25, 2.0])), values_seed=int(r.integers(1000)))
+        if position_sensitive(target):  # C_out x PH x PW channels
+            p = self.plan
+            self.plan = dataclasses.replace(p, ps=True, c=0 if p.c == 0 else int(r.integers(1, 3)) * p.ph * p.pw)
         self.rows = self._box_rows()
 
     def variant(self):
@@ -469,9 +490,14 @@ class _Gen:
                           [("8", ""), ("2**31 - 1", ""), ("0", "n_threads < 1"), ("-1", "n_threads < 1"),
                            ("10**12", "n_threads > INT_MAX"), ("2**31", "n_threads > INT_MAX"),
                            ("1.0", "float n_threads"), ("True", "bool n_threads"), ("'2'", "str n_threads")]),
-            "wrt": (["'features'", "'boxes'", "'both'"],
+            "wrt": ((["'features'", "'boxes'", "'both'"] if box_gradient(self.target) else ["'features'"]),
                     [("'grad'", "unknown wrt"), ("None", "unknown wrt"), ("'Features'", "unknown wrt"),
-                     ("['features']", "unknown wrt"), ("''", "unknown wrt")]),
+                     ("['features']", "unknown wrt"), ("''", "unknown wrt")]
+                    + ([] if box_gradient(self.target) else
+                       [("'boxes'", "no box gradient"), ("'both'", "no box gradient")])),
+            "edge": (["'torchvision'", "'image'"],
+                     [("'crop'", "unknown edge"), ("None", "unknown edge"), ("'Image'", "unknown edge"),
+                      ("0", "unknown edge")]),
             "max_samples_per_bin": (["65536", "sys.maxsize", "1"],
                                     [("2**63", ""), ("10**30", ""), ("0", "max_samples_per_bin < 1"),
                                      ("-1", "max_samples_per_bin < 1"), ("1.5", "float max_samples_per_bin"),
@@ -522,7 +548,7 @@ def generate(target, seed, index):
     if "**" in sr or sr in ("3037000499", "256", "64"):
         if g.rng.random() < 0.6:
             generated["max_samples_per_bin"] = _arg([], "sys.maxsize", "max_samples_per_bin:sys.maxsize")
-    _finalize(generated)
+    _finalize(generated, target)
     base = {"features": g.base_features(), "boxes": g.base_boxes(), "grad_output": g.base_grad_output(),
             "output_size": _arg([], f"({g.plan.ph}, {g.plan.pw})", "output_size:base")}
     order = [n for n in params if n in generated]
@@ -532,7 +558,7 @@ def generate(target, seed, index):
             "base": {n: base[n] for n in required if n in base}}
 
 
-def _finalize(args):
+def _finalize(args, target):
     """Refusals that depend on another argument."""
     boxes = args["boxes"]
     allowed = args.get("allow_inverted", {}).get("src") in ("True", "np.True_")
@@ -542,7 +568,7 @@ def _finalize(args):
     if feats["label"] == "features:shape":
         wrt = args.get("wrt", {}).get("src", "'features'")
         mode = args.get("mode", {}).get("src", "'avg'")
-        if wrt in ("'boxes'", "'both'") or mode == "'max'":
+        if wrt in ("'boxes'", "'both'") or mode == "'max'" or target == "roi_pool_backward":
             feats["invalid"] = "features shape with wrt/mode reading the values"
 
 
@@ -743,6 +769,8 @@ def _after(case, fn, values, result, pre):
     oshape = None
     if pre["output_size"] is not None:
         ph, pw = pre["output_size"]
+        if position_sensitive(case["target"]):
+            c //= ph * pw
         oshape = (k, c, ph, pw) if layout == "NCHW" else (k, ph, pw, c)
     outputs = []
     if kind == "forward":

@@ -28,9 +28,8 @@ def variant(request, monkeypatch):
     lack = _variants.missing(v)
     if lack:
         pytest.skip(f"this machine cannot run the {v} kernels: it lacks {', '.join(lack)}")
-    align, rotated = _variants.modules(v)
-    monkeypatch.setattr(_cpu, "_roi_align", align)
-    monkeypatch.setattr(_cpu, "_roi_align_rotated", rotated)
+    for name, module in zip(_variants.KERNELS, _variants.modules(v)):
+        monkeypatch.setattr(_cpu, name, module)
     return v
 
 
@@ -146,12 +145,14 @@ def _results(shape, layout, dtype, sampling_ratio, n_threads):
 
 def _baseline(*case):
     if case not in _baseline_results:
-        saved = _cpu._roi_align, _cpu._roi_align_rotated
-        _cpu._roi_align, _cpu._roi_align_rotated = _variants.modules("baseline")
+        saved = [getattr(_cpu, name) for name in _variants.KERNELS]
+        for name, module in zip(_variants.KERNELS, _variants.modules("baseline")):
+            setattr(_cpu, name, module)
         try:
             _baseline_results[case] = _results(*case, 1)
         finally:
-            _cpu._roi_align, _cpu._roi_align_rotated = saved
+            for name, module in zip(_variants.KERNELS, saved):
+                setattr(_cpu, name, module)
     return _baseline_results[case]
 
 

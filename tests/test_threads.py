@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+import roialign_cy
+
 from conftest import random_boxes, random_rotated_boxes, to_nhwc
 from roialign_cy import roi_align, roi_align_backward, roi_align_rotated, roi_align_rotated_backward
 
@@ -167,6 +169,16 @@ def _all_operators(x, boxes, rboxes, layout, sampling_ratio, n_threads):
     out.append(o)
     out += roi_align_rotated_backward(g, x, rboxes, (4, 3), 0.5, sampling_ratio, False,
                                       wrt="both", **kw)
+    o = roialign_cy.roi_pool(x, boxes, (3, 4), 0.5, **kw)
+    out += [o, roialign_cy.roi_pool_backward(np.cos(o), x, boxes, (3, 4), 0.5, **kw)]
+    if x.shape[3 if layout == "NHWC" else 1] % 4 == 0:  # position-sensitive: C_out x 2 x 2
+        o = roialign_cy.ps_roi_align(x, boxes, 2, 0.5, sampling_ratio, **kw)
+        out += [o, roialign_cy.ps_roi_align_backward(np.cos(o), x, boxes, 2, 0.5, sampling_ratio,
+                                                     **kw)]
+        for edge in ("torchvision", "image"):
+            o = roialign_cy.ps_roi_pool(x, boxes, 2, 0.5, edge=edge, **kw)
+            out += [o, roialign_cy.ps_roi_pool_backward(np.cos(o), x, boxes, 2, 0.5, edge=edge,
+                                                        **kw)]
     return out
 
 

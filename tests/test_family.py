@@ -1,0 +1,290 @@
+"""RoIPool, ps_roi_align and ps_roi_pool on the CPU (docs/conventions.md, sections 8 and 9):
+values and feature gradients against the numpy reference, every box form and layout, the NaN and
+edge rules, the adjoint identity of the gradients, plans, and the arguments they refuse."""
+import numpy as np
+import pytest
+
+import roialign_cy
+from conftest import (box_forms, edge_case_boxes, make_features, random_boxes, sort_by_image,
+                      split_batch, to_nchw, to_nhwc)
+import reference as ref
+
+OPS = ("roi_pool", "ps_roi_align", "ps_roi_pool")
+TOL = {np.float32: 2e-5, np.float64: 1e-12}
+# (N, C_out, H, W), output size, spatial_scale: PS maps get C_out * PH * PW channels
+CASES = [((2, 3, 11, 13), (3, 2), 0.5), ((1, 2, 7, 5), (2, 2), 1.0), ((3, 1, 16, 9), (4, 3), 0.25),
+         ((1, 2, 1, 6), (1, 3), 1.0)]
+
+
+def channels(op, c_out, pooled):
+    return c_out * pooled[0] * pooled[1] if op != "roi_pool" else c_out
+
+
+def call(op, x, boxes, pooled, scale, sr, layout="NCHW", **kw):
+    if op == "ps_roi_align":
+        return roialign_cy.ps_roi_align(x, boxes, pooled, scale, sr, layout=layout, **kw)
+    return getattr(roialign_cy, op)(x, boxes, pooled, scale, layout=layout, **kw)
+
+
+def call_backward(op, g, x, boxes, pooled, scale, sr, layout="NCHW", **kw):
+    fn = getattr(roialign_cy, op + "_backward")
+    if op == "ps_roi_align":
+        return fn(g, x, boxes, pooled, scale, sr, layout=layout, **kw)
+    return fn(g, x, boxes, pooled, scale, layout=layout, **kw)
+
+
+def reference(op, x, boxes, pooled, scale, sr, dtype, edge="torchvision"):
+    rois, b = split_batch(boxes)
+    if op == "roi_pool":
+        return ref.roi_pool_ref(x, rois, b, *pooled, scale, dtype)[0]
+    if op == "ps_roi_pool":
+        return ref.ps_roi_pool_ref(x, rois, b, *pooled, scale, dtype, edge)
+    return ref.ps_roi_align_ref(x, rois, b, *pooled, scale, sr)
+
+
+def reference_backward(op, g, x, boxes, pooled, scale, sr, dtype, edge="torchvision"):
+    rois, b = split_batch(boxes)
+    if op == "roi_pool":
+        return ref.roi_pool_backward_ref(g, x, rois, b, *pooled, scale, dtype)
+    if op == "ps_roi_pool":
+        return ref.ps_roi_pool_backward_ref(g, x.shape, rois, b, *pooled, scale, dtype, edge)
+    return ref.ps_roi_align_backward_ref(g, x.shape, rois, b, *pooled, scale, sr)
+
+
+def assert_close(got, want, dtype, what):
+    err = np.max(np.abs(got - want), initial=0) / max(1.0, np.max(np.abs(want), initial=0))
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g}"
+
+
+def problem(rng, op, shape, pooled, scale, dtype, edge_cases=False):
+    n, c_out, h, w = shape
+    x = make_features(rng, n, channels(op, c_out, pooled), h, w, dtype)
+    boxes = random_boxes(rng, 9, n, h, w, scale)
+    if edge_cases:
+        boxes = np.concatenate([boxes, edge_case_boxes(rng, n, h, w, scale)])
+    return x, sort_by_image(boxes).astype(dtype)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape,pooled,scale", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_matches_reference(rng, op, shape, pooled, scale, dtype, layout):
+    x, boxes = problem(rng, op, shape, pooled, scale, dtype, edge_cases=True)
+    srs = (-1, 2) if op == "ps_roi_align" else (0,)
+    edges = ("torchvision", "image") if op == "ps_roi_pool" else ("torchvision",)
+    xin = to_nhwc(x) if layout == "NHWC" else x
+    for sr in srs:
+        for edge in edges:
+            kw = {"edge": edge} if op == "ps_roi_pool" else {}
+            out = call(op, xin, boxes, pooled, scale, sr, layout, allow_inverted=True, **kw)
+            out = to_nchw(out) if layout == "NHWC" else out
+            want = reference(op, x, boxes, pooled, scale, sr, dtype, edge)
+            assert out.dtype == dtype and out.shape == want.shape
+            assert_close(out, want, dtype, f"{op} forward sr={sr} edge={edge}")
+            g = rng.standard_normal(want.shape).astype(dtype)
+            gin = to_nhwc(g) if layout == "NHWC" else g
+            grad = call_backward(op, gin, xin, boxes, pooled, scale, sr, layout,
+                                 allow_inverted=True, **kw)
+            grad = to_nchw(grad) if layout == "NHWC" else grad
+            assert_close(grad, reference_backward(op, g, x, boxes, pooled, scale, sr, dtype, edge),
+                         dtype, f"{op} gradient sr={sr} edge={edge}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_box_form_gives_the_same_result(rng, op):
+    pooled = (2, 3)
+    x, boxes = problem(rng, op, (3, 2, 9, 8), pooled, 0.5, np.float64)
+    results = [call(op, x, b, pooled, 0.5, 2, batch_indices=idx) for b, idx in box_forms(boxes, 3)]
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradient_is_the_adjoint_of_the_forward(rng, op, dtype):
+    """ps_roi_align and ps_roi_pool are linear in the features, roi_pool is where the arg-max
+    does not move: <g, F(x + d)> - <g, F(x)> = <grad, d> for a small d (exact up to rounding)."""
+    pooled = (3, 3)
+    x, boxes = problem(rng, op, (2, 2, 10, 12), pooled, 0.5, dtype)
+    g = rng.standard_normal(call(op, x, boxes, pooled, 0.5, 2).shape).astype(dtype)
+    grad = call_backward(op, g, x, boxes, pooled, 0.5, 2)
+    d = (rng.standard_normal(x.shape) * (1e-3 if op == "roi_pool" else 1.0)).astype(dtype)
+    if op == "roi_pool":  # keep every arg-max in place: well separated values, tiny step
+        x = (np.argsort(rng.permutation(x.size)).reshape(x.shape) * 0.01).astype(dtype)
+        grad = call_backward(op, g, x, boxes, pooled, 0.5, 2)
+    lhs = np.sum(g.astype(np.float64) * (call(op, x + d, boxes, pooled, 0.5, 2).astype(np.float64)
+                                         - call(op, x, boxes, pooled, 0.5, 2)))
+    rhs = np.sum(grad.astype(np.float64) * d)
+    assert lhs == pytest.approx(rhs, rel=1e-4 if dtype == np.float32 else 1e-10, abs=1e-6)
+
+
+def test_roi_pool_nan_wins_and_takes_the_gradient():
+    x = np.arange(2 * 6 * 6, dtype=np.float64).reshape(1, 2, 6, 6)
+    x[0, 0, 1, 1] = np.nan  # inside bin (0, 0) of channel 0, not its largest pixel
+    boxes = np.array([[0, 0, 0, 5, 5]], np.float64)
+    out = roialign_cy.roi_pool(x, boxes, 2)
+    assert np.isnan(out[0, 0, 0, 0]) and np.isfinite(out[0, 0, 0, 1]) and np.isfinite(out[0, 1]).all()
+    grad = roialign_cy.roi_pool_backward(np.ones_like(out), x, boxes, 2)
+    assert grad[0, 0, 1, 1] == 1 and grad[0, 0, 2, 2] == 0  # (2, 2) would win without the NaN
+    want, arg = ref.roi_pool_ref(x, boxes[:, 1:], [0], 2, 2, 1.0)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_roi_pool_first_maximum_takes_the_gradient():
+    x = np.zeros((1, 1, 4, 4))
+    boxes = np.array([[0, 0, 0, 3, 3]], np.float64)
+    grad = roialign_cy.roi_pool_backward(np.ones((1, 1, 1, 1)), x, boxes, 1)
+    assert grad[0, 0, 0, 0] == 1 and grad.sum() == 1
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_ps_roi_pool_torchvision_edge_never_reads_the_last_row_and_column(layout):
+    pooled = (2, 2)
+    x = np.ones((1, 4, 6, 7))
+    x[:, :, -1, :] = np.nan
+    x[:, :, :, -1] = np.nan
+    boxes = np.array([[0, 0, 0, 7, 6], [0, 3, 3, 9, 9]], np.float64)
+    xin = to_nhwc(x) if layout == "NHWC" else x
+    out = roialign_cy.ps_roi_pool(xin, boxes, pooled, layout=layout)
+    # the first box's bins end before the last row and column; the second's are cut to empty (0)
+    assert np.all(out[0] == 1) and np.all(np.isin(out[1], [0, 1]))
+    image = roialign_cy.ps_roi_pool(xin, boxes, pooled, layout=layout, edge="image")
+    assert np.isnan(image).any()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_nan_outside_every_box_never_leaks(rng, op):
+    pooled = (2, 2)
+    x = make_features(rng, 1, channels(op, 1, pooled), 12, 12)
+    x[:, :, 8:, :] = np.nan
+    x[:, :, :, 8:] = np.nan
+    boxes = np.array([[0, 0.5, 0.5, 6.2, 6.4], [0, 2, 1, 5, 7]], np.float64)
+    out = call(op, x, boxes, pooled, 1.0, 2)
+    assert np.isfinite(out).all()
+    grad = call_backward(op, np.ones_like(out), x, boxes, pooled, 1.0, 2)
+    assert np.isfinite(grad).all() and not grad[:, :, 8:, :].any()
+
+
+def test_ps_roi_align_empty_grid_gives_zero_where_torchvision_gives_nan():
+    x = np.ones((1, 4, 5, 5))
+    boxes = np.array([[0, 2, 2, 2, 4]], np.float64)  # zero width, adaptive sampling
+    np.testing.assert_array_equal(roialign_cy.ps_roi_align(x, boxes, 2), 0)
+    assert np.all(roialign_cy.ps_roi_align(x, boxes, 2, sampling_ratio=2) == 1)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("coordinate", [1e30, -1e30, 3e9, -3e9, 2.0 ** 62])
+def test_huge_coordinates_saturate_without_reading_outside(rng, op, coordinate):
+    pooled = (2, 3)
+    x = make_features(rng, 1, channels(op, 1, pooled), 5, 6)
+    boxes = np.array([[0, coordinate, 1, 3, 4], [0, 1, coordinate, 3, 4], [0, 0, 0, 3, abs(coordinate)]])
+    out = call(op, x, boxes, pooled, 1.0, 2, allow_inverted=True)
+    assert np.isfinite(out).all()
+    grad = call_backward(op, np.ones_like(out), x, boxes, pooled, 1.0, 2, allow_inverted=True)
+    assert np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_empty_boxes_and_empty_maps(op, layout):
+    pooled = (2, 2)
+    c = channels(op, 3, pooled)
+    x = np.zeros((2, c, 4, 5) if layout == "NCHW" else (2, 4, 5, c), np.float32)
+    out = call(op, x, np.zeros((0, 5), np.float32), pooled, 1.0, 2, layout)
+    assert out.shape == ((0, 3, 2, 2) if layout == "NCHW" else (0, 2, 2, 3))
+    grad = call_backward(op, out, x, np.zeros((0, 5), np.float32), pooled, 1.0, 2, layout)
+    assert grad.shape == x.shape and not grad.any()
+
+
+@pytest.mark.parametrize("op", ["ps_roi_align", "ps_roi_pool"])
+def test_position_sensitive_channels_must_divide(op):
+    x = np.zeros((1, 10, 5, 5))
+    with pytest.raises(ValueError, match=r"features must have a multiple of .* = 4 channels.*got 10"):
+        call(op, x, np.array([[0, 1, 1, 3, 3.0]]), 2, 1.0, 2)
+    with pytest.raises(ValueError, match="multiple of"):
+        roialign_cy.plan(np.array([[0, 1, 1, 3, 3.0]]), (1, 10, 5, 5), 2, op=op)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("wrt", ["boxes", "both"])
+def test_no_box_gradient(op, wrt):
+    x = np.zeros((1, 4, 5, 5))
+    boxes = np.array([[0, 1, 1, 3, 3.0]])
+    g = np.zeros(call(op, x, boxes, 2, 1.0, 2).shape)
+    why = "feature gradient of ps_roi_align" if op == "ps_roi_align" else "piecewise constant"
+    with pytest.raises(ValueError, match=f"wrt='{wrt}' is not available: .*{why}"):
+        call_backward(op, g, x, boxes, 2, 1.0, 2, wrt=wrt)
+    with pytest.raises(ValueError, match="not available"):
+        roialign_cy.plan(boxes, x.shape, 2, op=op).backward(g, x, wrt=wrt)
+
+
+def test_roi_pool_gradient_needs_the_features():
+    boxes = np.array([[0, 1, 1, 3, 3.0]])
+    with pytest.raises(ValueError, match="roi_pool: the max-mode gradient reads the feature values"):
+        roialign_cy.roi_pool_backward(np.zeros((1, 4, 2, 2)), (1, 4, 5, 5), boxes, 2)
+    with pytest.raises(ValueError, match="roi_pool"):
+        roialign_cy.plan(boxes, (1, 4, 5, 5), 2, op="roi_pool").backward(np.zeros((1, 4, 2, 2)))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_inverted_boxes_are_refused_by_default(op):
+    x = np.zeros((1, 4, 5, 5))
+    with pytest.raises(ValueError, match="inverted|x2 < x1"):
+        call(op, x, np.array([[0, 3, 1, 1, 3.0]]), 2, 1.0, 2)
+
+
+def test_edge_must_be_known():
+    with pytest.raises(ValueError, match="edge must be one of"):
+        roialign_cy.ps_roi_pool(np.zeros((1, 4, 5, 5)), np.array([[0, 1, 1, 3, 3.0]]), 2, edge="crop")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_plan_reproduces_the_one_shot_calls(rng, op, layout):
+    pooled = (3, 2)
+    x, boxes = problem(rng, op, (2, 2, 9, 10), pooled, 0.5, np.float32)
+    xin = to_nhwc(x) if layout == "NHWC" else x
+    kw = {"sampling_ratio": 2} if op == "ps_roi_align" else {}
+    made = roialign_cy.plan(boxes, xin.shape, pooled, 0.5, layout=layout, op=op, **kw)
+    assert op in repr(made)
+    out = made.forward(xin)
+    np.testing.assert_array_equal(out, call(op, xin, boxes, pooled, 0.5, 2, layout))
+    assert made.output_shape() == out.shape
+    g = np.cos(np.arange(out.size, dtype=np.float32)).reshape(out.shape)
+    np.testing.assert_array_equal(made.backward(g, xin),
+                                  call_backward(op, g, xin, boxes, pooled, 0.5, 2, layout))
+    # a second call reuses the tables
+    np.testing.assert_array_equal(made.forward(xin), out)
+
+
+@pytest.mark.parametrize("op,kw,match", [
+    ("roi_pool", {"mode": "avg", "aligned": True}, "aligned and sampling_ratio do not apply"),
+    ("roi_pool", {"sampling_ratio": 2}, "do not apply"),
+    ("ps_roi_pool", {"mode": "max"}, "does not apply"),
+    ("ps_roi_align", {"aligned": False}, "always samples with the half-pixel offset"),
+    ("roi_align", {"rotated": True, "op": "roi_pool"}, "rotated=True"),
+    ("roi_align", {"op": "roi_unpool"}, "op must be one of"),
+])
+def test_plan_refuses_arguments_that_do_not_apply(op, kw, match):
+    kw = dict({"op": op}, **kw)
+    with pytest.raises(ValueError, match=match):
+        roialign_cy.plan(np.array([[0, 1, 1, 3, 3.0]]), (1, 4, 5, 5), 2, **kw)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_out_argument(rng, op):
+    pooled = (2, 2)
+    x, boxes = problem(rng, op, (1, 2, 8, 8), pooled, 1.0, np.float64)
+    want = call(op, x, boxes, pooled, 1.0, 2)
+    out = np.full_like(want, np.nan)
+    assert call(op, x, boxes, pooled, 1.0, 2, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="out"):
+        call(op, x, boxes, pooled, 1.0, 2, out=x.reshape(-1)[:want.size].reshape(want.shape))
+
+
+def test_registry_lists_the_new_operators():
+    for op in OPS:
+        assert roialign_cy.gradient_of(op) == op + "_backward"
+        assert roialign_cy.devices_of(op) == ("cpu", "cuda")
