@@ -290,6 +290,28 @@ class Run:
                                      n_threads, forward)
                          for l, (n, _, h, w) in enumerate(self.shapes)], np.uint8)
 
+    def pool_blocks(self, windows, forward, channels, n_threads):
+        """Whether roi_pool on NCHW maps of ``channels`` channels takes the channels-last block
+        loops: as ``_use_blocks`` decides for RoIAlign, with the pixels the bins cover (summed
+        over boxes) in place of the samples."""
+        p = self.p
+        if p.op != "roi_pool" or p.channels_last:
+            return False
+        key = ("pool", forward, channels, n_threads)
+        if key not in self._blocks:
+            n, _, h, w = self.shapes[0]
+            ph = 2 * p.pooled_h
+            rows = (windows[:, 1:ph:2] - windows[:, 0:ph:2]).clip(0).sum(axis=1)
+            cols = (windows[:, ph + 1::2] - windows[:, ph::2]).clip(0).sum(axis=1)
+            pixels = float(np.dot(rows.astype(np.float64), cols))
+            # the gradient holds two blocks per thread
+            scratch = h * w * _roi_pool.BLOCK_CHANNELS * self.itemsize * (1 if forward else 2)
+            tasks = n * -(-channels // _roi_pool.BLOCK_CHANNELS)
+            self._blocks[key] = (channels >= _roi_pool.BLOCK_CHANNELS and tasks >= n_threads
+                                 and scratch <= SCRATCH_BYTES_PER_THREAD
+                                 and pixels >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w)
+        return self._blocks[key]
+
     def where(self):
         """The kernels' arguments that say which boxes (or pieces) run, in which order."""
         if self.p.rotated:
@@ -330,8 +352,11 @@ def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None):
                                   p.channels_last, n_threads)
             continue
         if p.integer_bins:
-            _roi_pool.forward(maps[0], out, t, *run.where(), _roi_pool.OPS[p.op],
-                              p.channels_last, n_threads)
+            if run.pool_blocks(t, True, _shape(maps[0], p)[1], n_threads):
+                _roi_pool.forward_blocks(maps[0], out, t, *run.where(), n_threads)
+            else:
+                _roi_pool.forward(maps[0], out, t, *run.where(), _roi_pool.OPS[p.op],
+                                  p.channels_last, n_threads)
             continue
         blocks = run.blocks(j0, j1, True, _shape(maps[0], p)[1], n_threads)
         if p.rotated:
@@ -363,8 +388,11 @@ def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, gra
                                    p.channels_last, n_threads)
             continue
         if p.integer_bins:
-            _roi_pool.backward(grad_out, maps[0], grads[0], t, *run.where(), _roi_pool.OPS[p.op],
-                               p.channels_last, n_threads)
+            if run.pool_blocks(t, False, _shape(maps[0], p)[1], n_threads):
+                _roi_pool.backward_blocks(grad_out, maps[0], grads[0], t, *run.where(), n_threads)
+            else:
+                _roi_pool.backward(grad_out, maps[0], grads[0], t, *run.where(),
+                                   _roi_pool.OPS[p.op], p.channels_last, n_threads)
             continue
         blocks = run.blocks(j0, j1, False, _shape(maps[0], p)[1], n_threads)
         if p.rotated:

@@ -58,8 +58,11 @@ cdef inline void deinterleave_bins(const floating* block, Py_ssize_t n_bins, Py_
 
 cdef inline void add_deinterleaved(const floating* block, Py_ssize_t plane_size,
                                    Py_ssize_t n_planes, floating* planes) noexcept nogil:
-    """planes[c * plane_size + i] += block[i * LANES + c] for the first n_planes lanes."""
-    cdef Py_ssize_t i, c
-    for c in range(n_planes):
-        for i in range(plane_size):
-            planes[c * plane_size + i] += block[i * LANES + c]
+    """planes[c * plane_size + i] += block[i * LANES + c] for the first n_planes lanes, in runs
+    of pixels so that reads and writes both stay in L1 (as interleave_planes)."""
+    cdef Py_ssize_t i0, i1, i, c
+    for i0 in range(0, plane_size, 512):
+        i1 = i0 + 512 if i0 + 512 < plane_size else plane_size
+        for c in range(n_planes):
+            for i in range(i0, i1):
+                planes[c * plane_size + i] += block[i * LANES + c]

@@ -12,13 +12,16 @@ boxes into runs (its outputs are disjoint), so that few planes still keep every 
 Layouts differ only in strides: a plane's pixels are ``cs`` elements apart (1 in NCHW, C in NHWC).
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport ceil, floor, round
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 
 import numpy as np
 
 from ._geometry cimport takes_max
+from ._lanes cimport LANES, add_deinterleaved, deinterleave_bins, interleave_planes
 
 cdef enum:
     OP_ROI_POOL = 0
@@ -27,6 +30,8 @@ cdef enum:
     TASKS_PER_THREAD = 4
 
 OPS = {"roi_pool": OP_ROI_POOL, "ps_roi_pool": OP_PS_ROI_POOL}
+# channels of one block of the NCHW roi_pool block loops, for the driver's cost model
+BLOCK_CHANNELS = LANES
 
 cdef extern from *:
     """
@@ -164,10 +169,9 @@ cdef inline Py_ssize_t out_index(const Shape* s, Py_ssize_t k, Py_ssize_t c, Py_
 
 cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, const Shape* s,
                           Py_ssize_t k, Py_ssize_t ci, const int64_t* wy, const int64_t* wx,
-                          int op) noexcept nogil:
-    """Every output of box k that reads plane ci: PH x PW maxima (roi_pool), or the one bin of
-    ci's position (ps_roi_pool)."""
-    cdef Py_ssize_t ph, pw, c
+                          int op, Py_ssize_t c, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
+    """Every output of box k that reads plane ci: PH x PW maxima (roi_pool), or the one bin
+    (ph, pw) of output channel c that ci holds (ps_roi_pool)."""
     cdef floating v
     if op == OP_ROI_POOL:
         for ph in range(s.PH):
@@ -178,7 +182,6 @@ cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, con
                                    wx[2 * pw + 1])
                 O[out_index(s, k, ci, ph, pw)] = v
         return
-    c, ph, pw = ci // (s.PH * s.PW), (ci // s.PW) % s.PH, ci % s.PW
     v = 0
     if wy[2 * ph + 1] > wy[2 * ph] and wx[2 * pw + 1] > wx[2 * pw]:
         v = mean_window(plane, cs, s.W, wy[2 * ph], wy[2 * ph + 1], wx[2 * pw], wx[2 * pw + 1])
@@ -191,7 +194,7 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out``."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
-    cdef Py_ssize_t runs, task, n, ci, r, lo, hi, j, a, b
+    cdef Py_ssize_t runs, task, n, ci, r, lo, hi, j, a, b, c, ph, pw
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
     cdef const int64_t* wt = &win[0, 0]
@@ -205,16 +208,18 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
         lo, hi = img_start[n], img_start[n + 1]
         a = lo + (hi - lo) * r // runs
         b = lo + (hi - lo) * (r + 1) // runs
+        c, ph, pw = ci // (s.PH * s.PW), (ci // s.PW) % s.PH, ci % s.PW  # ps_roi_pool's bin
         for j in range(a, b):
             pool_box(X + plane_offset(&s, n, ci), cs, O, &s, order[j], ci, wt + j * row,
-                     wt + j * row + 2 * PH, op)
+                     wt + j * row + 2 * PH, op, c, ph, pw)
 
 
 cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t cs,
                              const floating* G, const Shape* s, Py_ssize_t k, Py_ssize_t ci,
-                             const int64_t* wy, const int64_t* wx, int op) noexcept nogil:
+                             const int64_t* wy, const int64_t* wx, int op, Py_ssize_t c,
+                             Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
     """Add box k's gradient terms on plane ci (conventions 8.5, 9.2)."""
-    cdef Py_ssize_t ph, pw, c, y, x, arg
+    cdef Py_ssize_t y, x, arg
     cdef floating g
     if op == OP_ROI_POOL:
         for ph in range(s.PH):
@@ -224,7 +229,6 @@ cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t
                                         wx[2 * pw + 1])
                     gplane[arg * cs] += G[out_index(s, k, ci, ph, pw)]
         return
-    c, ph, pw = ci // (s.PH * s.PW), (ci // s.PW) % s.PH, ci % s.PW
     if wy[2 * ph + 1] <= wy[2 * ph] or wx[2 * pw + 1] <= wx[2 * pw]:
         return
     g = G[out_index(s, k, c, ph, pw)] / <floating>((wy[2 * ph + 1] - wy[2 * ph]) *
@@ -241,7 +245,7 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
     (roi_pool finds each bin's arg-max there); any array of their shape for ps_roi_pool."""
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
-    cdef Py_ssize_t task, n, ci, j, off
+    cdef Py_ssize_t task, n, ci, j, off, c, ph, pw
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
@@ -251,6 +255,252 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
         n = task // s.C
         ci = task % s.C
         off = plane_offset(&s, n, ci)
+        c, ph, pw = ci // (s.PH * s.PW), (ci // s.PW) % s.PH, ci % s.PW  # ps_roi_pool's bin
         for j in range(img_start[n], img_start[n + 1]):
             scatter_box(X + off, GX + off, cs, G, &s, order[j], ci, wt + j * row,
-                        wt + j * row + 2 * PH, op)
+                        wt + j * row + 2 * PH, op, c, ph, pw)
+
+
+# ---------------------------------------------------------------------------------------------
+# roi_pool on NCHW maps with many boxes: blocks of LANES planes of one image are copied once to
+# channels-last scratch, and every box of the image is pooled from it with vector code over the
+# LANES channels (one compare-and-select per pixel for all of them). The gradient uses the same
+# tasks and adds each block's terms in the same order as the plane loops: the same bits.
+
+cdef extern from *:
+    """
+    /* The lane loops of the block kernels, in C: with GCC or Clang as vector-extension code over
+       the 16 lanes (LANES of _lanes.pxd), compares and bit selects that the compiler maps to the
+       target's vector registers (scalar compares with branches otherwise: several times slower);
+       plain loops elsewhere. The max keeps NaN aside: a window with one is NaN (numpy.max); the
+       arg-max takes the first maximum, or the first NaN. */
+    #include <string.h>
+    #define ROI_POOL_LANES 16
+    #if defined(__GNUC__) || defined(__clang__)
+    /* vectors of the target's native width (GCC splits wider ones element by element) */
+    #ifdef __AVX__
+    #define ROI_POOL_VBYTES 32
+    #else
+    #define ROI_POOL_VBYTES 16
+    #endif
+    #define ROI_POOL_LANE_KERNELS(T, I)                                                         \
+    typedef T roi_##T##_v __attribute__((vector_size(ROI_POOL_VBYTES)));                       \
+    typedef I roi_##T##_m __attribute__((vector_size(ROI_POOL_VBYTES)));                       \
+    enum { roi_##T##_w = ROI_POOL_VBYTES / sizeof(T),                                          \
+           roi_##T##_n = ROI_POOL_LANES * sizeof(T) / ROI_POOL_VBYTES };                       \
+    static inline roi_##T##_v roi_##T##_load(const T* p) {                                     \
+        roi_##T##_v v; memcpy(&v, p, sizeof v); return v; }                                    \
+    static inline roi_##T##_v roi_##T##_sel(roi_##T##_m mask, roi_##T##_v a, roi_##T##_v b) { \
+        return (roi_##T##_v)(((roi_##T##_m)a & mask) | ((roi_##T##_m)b & ~mask)); }           \
+    static inline void roi_pool_max_lanes_##T(const T* block, Py_ssize_t W, int64_t y0,        \
+                                              int64_t y1, int64_t x0, int64_t x1, T* o) {      \
+        roi_##T##_v m[roi_##T##_n];                                                            \
+        roi_##T##_m nan[roi_##T##_n];                                                          \
+        const T* p = block + (y0 * W + x0) * ROI_POOL_LANES;                                   \
+        for (int q = 0; q < roi_##T##_n; q++) {                                                \
+            m[q] = roi_##T##_load(p + q * roi_##T##_w); nan[q] = (roi_##T##_m){0}; }           \
+        for (int64_t y = y0; y < y1; y++) {                                                    \
+            p = block + (y * W + x0) * ROI_POOL_LANES;                                         \
+            for (int64_t x = x0; x < x1; x++, p += ROI_POOL_LANES) {                           \
+                for (int q = 0; q < roi_##T##_n; q++) {                                        \
+                    roi_##T##_v v = roi_##T##_load(p + q * roi_##T##_w);                       \
+                    m[q] = roi_##T##_sel(v > m[q], v, m[q]);                                   \
+                    nan[q] |= v != v;                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int q = 0; q < roi_##T##_n; q++) {                                                \
+            roi_##T##_v r = (roi_##T##_v)((roi_##T##_m)m[q] | nan[q]);  /* all ones: NaN */    \
+            memcpy(o + q * roi_##T##_w, &r, sizeof r);                                         \
+        }                                                                                      \
+    }                                                                                          \
+    static inline void roi_pool_argmax_lanes_##T(const T* block, Py_ssize_t W, int64_t y0,     \
+                                                 int64_t y1, int64_t x0, int64_t x1,           \
+                                                 int64_t* arg) {                               \
+        roi_##T##_v m[roi_##T##_n];                                                            \
+        roi_##T##_m a[roi_##T##_n];                                                            \
+        const T* p = block + (y0 * W + x0) * ROI_POOL_LANES;                                   \
+        for (int q = 0; q < roi_##T##_n; q++) {                                                \
+            m[q] = roi_##T##_load(p + q * roi_##T##_w);                                        \
+            a[q] = (roi_##T##_m){0} + (I)(y0 * W + x0); }                                      \
+        for (int64_t y = y0; y < y1; y++) {                                                    \
+            p = block + (y * W + x0) * ROI_POOL_LANES;                                         \
+            for (int64_t x = x0; x < x1; x++, p += ROI_POOL_LANES) {                           \
+                I i = (I)(y * W + x);                                                          \
+                for (int q = 0; q < roi_##T##_n; q++) {                                        \
+                    roi_##T##_v v = roi_##T##_load(p + q * roi_##T##_w);                       \
+                    roi_##T##_m take = (v > m[q]) | ((v != v) & (m[q] == m[q]));               \
+                    m[q] = roi_##T##_sel(take, v, m[q]);                                       \
+                    a[q] = (a[q] & ~take) | (take & i);                                        \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int q = 0; q < roi_##T##_n; q++)                                                  \
+            for (int l = 0; l < roi_##T##_w; l++) arg[q * roi_##T##_w + l] = a[q][l];          \
+    }
+    #else
+    #define ROI_POOL_LANE_KERNELS(T, I)                                                         \
+    static inline void roi_pool_max_lanes_##T(const T* block, Py_ssize_t W, int64_t y0,        \
+                                              int64_t y1, int64_t x0, int64_t x1, T* o) {      \
+        const T* p = block + (y0 * W + x0) * ROI_POOL_LANES;                                   \
+        for (int l = 0; l < ROI_POOL_LANES; l++) o[l] = p[l];                                  \
+        for (int64_t y = y0; y < y1; y++)                                                      \
+            for (int64_t x = x0; x < x1; x++)                                                  \
+                for (int l = 0; l < ROI_POOL_LANES; l++) {                                     \
+                    T v = block[(y * W + x) * ROI_POOL_LANES + l];                             \
+                    if (v > o[l] || v != v) o[l] = v;                                          \
+                }                                                                              \
+    }                                                                                          \
+    static inline void roi_pool_argmax_lanes_##T(const T* block, Py_ssize_t W, int64_t y0,     \
+                                                 int64_t y1, int64_t x0, int64_t x1,           \
+                                                 int64_t* arg) {                               \
+        T m[ROI_POOL_LANES];                                                                   \
+        for (int l = 0; l < ROI_POOL_LANES; l++) {                                             \
+            m[l] = block[(y0 * W + x0) * ROI_POOL_LANES + l]; arg[l] = y0 * W + x0; }         \
+        for (int64_t y = y0; y < y1; y++)                                                      \
+            for (int64_t x = x0; x < x1; x++)                                                  \
+                for (int l = 0; l < ROI_POOL_LANES; l++) {                                     \
+                    T v = block[(y * W + x) * ROI_POOL_LANES + l];                             \
+                    if (v > m[l] || (v != v && m[l] == m[l])) { m[l] = v; arg[l] = y * W + x; } \
+                }                                                                              \
+    }
+    #endif
+    ROI_POOL_LANE_KERNELS(float, int32_t)
+    ROI_POOL_LANE_KERNELS(double, int64_t)
+    """
+    const int ROI_POOL_LANES
+    void max_lanes_f "roi_pool_max_lanes_float"(const float*, Py_ssize_t, int64_t, int64_t,
+                                                int64_t, int64_t, float*) noexcept nogil
+    void max_lanes_d "roi_pool_max_lanes_double"(const double*, Py_ssize_t, int64_t, int64_t,
+                                                 int64_t, int64_t, double*) noexcept nogil
+    void argmax_lanes_f "roi_pool_argmax_lanes_float"(const float*, Py_ssize_t, int64_t, int64_t,
+                                                      int64_t, int64_t, int64_t*) noexcept nogil
+    void argmax_lanes_d "roi_pool_argmax_lanes_double"(const double*, Py_ssize_t, int64_t,
+                                                       int64_t, int64_t, int64_t,
+                                                       int64_t*) noexcept nogil
+
+if ROI_POOL_LANES != LANES:
+    raise ImportError("_roi_pool's C lane loops and _lanes.pxd disagree on LANES")
+
+
+cdef inline void max_lanes(const floating* block, Py_ssize_t W, int64_t y0, int64_t y1,
+                           int64_t x0, int64_t x1, floating* o) noexcept nogil:
+    """o[l] = the largest pixel of the window in lane l (NaN if the lane has one)."""
+    if floating is float:
+        max_lanes_f(block, W, y0, y1, x0, x1, o)
+    else:
+        max_lanes_d(block, W, y0, y1, x0, x1, o)
+
+
+cdef inline void argmax_lanes(const floating* block, Py_ssize_t W, int64_t y0, int64_t y1,
+                              int64_t x0, int64_t x1, int64_t* arg) noexcept nogil:
+    """arg[l] = y * W + x of the first maximum of the window in lane l (the first NaN)."""
+    if floating is float:
+        argmax_lanes_f(block, W, y0, y1, x0, x1, arg)
+    else:
+        argmax_lanes_d(block, W, y0, y1, x0, x1, arg)
+
+
+def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
+                   const int64_t[:, ::1] win, const int64_t[::1] order,
+                   const int64_t[::1] img_start, int n_threads):
+    """roi_pool of every box of NCHW ``x``, one task per (image, block of LANES planes)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t PH = out.shape[2], PW = out.shape[3], row = win.shape[1]
+    cdef Py_ssize_t nblocks = (C + LANES - 1) // LANES, task, n, c, nb, j, k, ph, pw, l
+    cdef const floating* X = &x[0, 0, 0, 0]
+    cdef floating* O = &out[0, 0, 0, 0]
+    cdef const int64_t* wt = &win[0, 0]
+    cdef const int64_t* wy
+    cdef const int64_t* wx
+    cdef floating* scratch
+    cdef floating* obuf
+    cdef floating* o
+    cdef int failed[1]
+    failed[0] = 0
+    with nogil, parallel(num_threads=n_threads):
+        scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+        obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        for task in prange(N * nblocks, schedule="dynamic"):
+            if scratch == NULL or obuf == NULL:
+                failed[0] = 1  # reported after the parallel region
+                continue
+            n = task // nblocks
+            c = (task % nblocks) * LANES
+            nb = C - c if C - c < LANES else LANES
+            if img_start[n + 1] == img_start[n]:
+                continue
+            interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+            for j in range(img_start[n], img_start[n + 1]):
+                k = order[j]
+                wy = wt + j * row
+                wx = wy + 2 * PH
+                for ph in range(PH):
+                    for pw in range(PW):
+                        o = obuf + (ph * PW + pw) * LANES
+                        if wy[2 * ph + 1] > wy[2 * ph] and wx[2 * pw + 1] > wx[2 * pw]:
+                            max_lanes(scratch, W, wy[2 * ph], wy[2 * ph + 1], wx[2 * pw],
+                                      wx[2 * pw + 1], o)
+                        else:
+                            for l in range(LANES):
+                                o[l] = 0
+                deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
+        free(scratch)
+        free(obuf)
+    if failed[0]:
+        raise MemoryError("roi_pool: no memory for the per-thread channels-last scratch")
+
+
+def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,
+                    floating[:, :, :, ::1] grad, const int64_t[:, ::1] win,
+                    const int64_t[::1] order, const int64_t[::1] img_start, int n_threads):
+    """roi_pool's feature gradient on NCHW maps, one task per (image, block of LANES planes):
+    arg-maxima found in the channels-last copy, gradients added there, then to the planes."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
+    cdef Py_ssize_t PH = grad_out.shape[2], PW = grad_out.shape[3], row = win.shape[1]
+    cdef Py_ssize_t nblocks = (C + LANES - 1) // LANES, task, n, c, nb, j, k, ph, pw, l
+    cdef const floating* X = &x[0, 0, 0, 0]
+    cdef const floating* G = &grad_out[0, 0, 0, 0]
+    cdef floating* GX = &grad[0, 0, 0, 0]
+    cdef const int64_t* wt = &win[0, 0]
+    cdef const int64_t* wy
+    cdef const int64_t* wx
+    cdef const floating* g
+    cdef floating* scratch
+    cdef floating* gblock
+    cdef int64_t* arg
+    cdef int failed[1]
+    failed[0] = 0
+    with nogil, parallel(num_threads=n_threads):
+        scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
+        gblock = <floating*>malloc(H * W * LANES * sizeof(floating))
+        arg = <int64_t*>malloc(LANES * sizeof(int64_t))
+        for task in prange(N * nblocks, schedule="dynamic"):
+            if scratch == NULL or gblock == NULL or arg == NULL:
+                failed[0] = 1
+                continue
+            n = task // nblocks
+            c = (task % nblocks) * LANES
+            nb = C - c if C - c < LANES else LANES
+            if img_start[n + 1] == img_start[n]:
+                continue
+            interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
+            memset(gblock, 0, H * W * LANES * sizeof(floating))
+            for j in range(img_start[n], img_start[n + 1]):
+                k = order[j]
+                wy = wt + j * row
+                wx = wy + 2 * PH
+                g = G + (k * C + c) * PH * PW
+                for ph in range(PH):
+                    for pw in range(PW):
+                        if wy[2 * ph + 1] > wy[2 * ph] and wx[2 * pw + 1] > wx[2 * pw]:
+                            argmax_lanes(scratch, W, wy[2 * ph], wy[2 * ph + 1], wx[2 * pw],
+                                         wx[2 * pw + 1], arg)
+                            for l in range(nb):
+                                gblock[arg[l] * LANES + l] += g[l * PH * PW + ph * PW + pw]
+            add_deinterleaved(gblock, H * W, nb, GX + (n * C + c) * H * W)
+        free(scratch)
+        free(gblock)
+        free(arg)
+    if failed[0]:
+        raise MemoryError("roi_pool: no memory for the per-thread channels-last scratch")
