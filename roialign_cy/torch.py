@@ -1,10 +1,13 @@
-"""PyTorch front end: torchvision's RoIAlign functions and modules, differentiable in the features
-and the boxes, on roialign_cy's kernels.
+"""PyTorch front end: torchvision's RoI operators (functions and modules), differentiable, on
+roialign_cy's kernels.
 
-``roi_align``, ``RoIAlign`` and ``MultiScaleRoIAlign`` take torchvision's arguments and follow its
-conventions; ``roi_align_rotated`` and ``RoIAlignRotated`` follow detectron2's ``ROIAlignRotated``.
-Import this module explicitly (``import roialign_cy.torch``): ``import roialign_cy`` never imports
-PyTorch.
+``roi_align``, ``RoIAlign`` and ``MultiScaleRoIAlign``, ``roi_pool`` and ``RoIPool``,
+``ps_roi_align`` and ``PSRoIAlign``, ``ps_roi_pool`` and ``PSRoIPool`` take torchvision's arguments
+(plus keywords of ours: ``n_threads``, ``allow_inverted``, ...) and follow its conventions, with the
+few documented differences of docs/conventions.md, sections 8 and 9 (NaN pixels in roi_pool, boxes
+without samples in ps_roi_align, the gradient of ps_roi_pool at the last row and column);
+``roi_align_rotated`` and ``RoIAlignRotated`` follow detectron2's ``ROIAlignRotated``. Import this
+module explicitly (``import roialign_cy.torch``): ``import roialign_cy`` never imports PyTorch.
 
 Data movement: a CPU tensor reaches the Cython kernels as a numpy array sharing its memory (no copy
 when it is contiguous); a channels_last tensor runs the NHWC kernels through a zero-copy permuted
@@ -12,9 +15,14 @@ view and its result comes back channels_last; any other layout is made contiguou
 tensor reaches the CUDA kernels through DLPack as a CuPy array on the same memory, and the kernels
 run on PyTorch's current stream of its device; nothing is copied to the host.
 
-Autograd: the gradient flows to the input, and to the boxes when they require it (the exact
-derivative described in :func:`roialign_cy.roi_align_backward`). The backward is not itself
-differentiable: a double backward raises a RuntimeError.
+Autograd: one autograd Function serves every operator; it keeps the core's plan (boxes validated,
+sampling tables built once) from the forward for the backward. The gradient flows to the input of
+every operator. RoIAlign (axis-aligned and rotated) also gives the boxes their gradient when they
+require it (the exact derivative described in :func:`roialign_cy.roi_align_backward`); roi_pool,
+ps_roi_align and ps_roi_pool give the boxes none (None, as torchvision does; boxes that require grad
+are accepted). The input is kept for the backward only where the gradient reads its values
+(roi_pool, roi_align's max mode, the box gradient); the average-mode feature gradients need only
+its shape. The backward is not itself differentiable: a double backward raises a RuntimeError.
 """
 import contextlib
 import math
@@ -34,8 +42,10 @@ from ._typing import Layout, Wrt
 
 BoxesArg = Union[Tensor, List[Tensor]]
 OutputSizeArg = Union[int, Tuple[int, int], List[int]]
+Edge = Literal["torchvision", "image"]
 
-__all__ = ["roi_align", "roi_align_rotated", "RoIAlign", "RoIAlignRotated", "MultiScaleRoIAlign"]
+__all__ = ["roi_align", "roi_align_rotated", "roi_pool", "ps_roi_align", "ps_roi_pool", "RoIAlign",
+           "RoIAlignRotated", "RoIPool", "PSRoIAlign", "PSRoIPool", "MultiScaleRoIAlign"]
 
 
 # ---- tensors <-> kernel arrays ----------------------------------------------------------------
@@ -131,7 +141,10 @@ def _rois(boxes: Any, input: Tensor, width: int) -> Tensor:
 
 # ---- autograd functions ------------------------------------------------------------------------
 
-# rotated -> the core's operator
+# the operators whose output is differentiable in the boxes (roi_pool and ps_roi_pool round them
+# to whole pixels; ps_roi_align has no box gradient in the core, nor in torchvision)
+_BOX_GRADIENT = ("roi_align",)
+
 
 def _wrt(want_features: bool, want_boxes: bool) -> Optional[Wrt]:
     """The core's ``wrt`` for the gradients autograd asks for (None: none)."""
@@ -145,24 +158,30 @@ def _split(result: Any, wrt: Wrt) -> Tuple[Any, Any]:
     return {"features": (result, None), "boxes": (None, result), "both": result}[wrt]
 
 
-class _RoIAlignFunction(torch.autograd.Function):
-    """roi_align / roi_align_rotated on one feature map; ``params`` are the core's keywords."""
+class _RoIFunction(torch.autograd.Function):
+    """One operator of the family on one feature map. ``params`` are the keywords of the core's
+    :func:`roialign_cy.plan` (``op``, ``rotated``, ``output_size``, ...); ``deterministic`` is the
+    backward's (GPU only: False allows an atomic scatter)."""
 
     @staticmethod
-    def forward(ctx: Any, input: Tensor, rois: Tensor, rotated: bool,
-                params: Dict[str, Any]) -> Tensor:
+    def forward(ctx: Any, input: Tensor, rois: Tensor, params: Dict[str, Any],
+                deterministic: bool) -> Tensor:
         x, layout = _kernel_layout(input)
         with _kernel_stream(input):
             features = _to_array(x)
             # a plan: the boxes are validated and the sampling tables built once, for the
             # forward and again for the backward of this step
-            plan = _api.plan(_to_array(rois), tuple(x.shape), rotated=rotated, layout=layout,
+            plan = _api.plan(_to_array(rois), tuple(x.shape), layout=layout,
                              dtype=features.dtype, **params)
             out = _to_tensor(plan.forward(features), input)
-        ctx.plan, ctx.layout = plan, layout
-        # the box gradient and the max-mode gradient read the feature values; the avg-mode
-        # feature gradient needs only their shape
-        keep = ctx.needs_input_grad[1] or params.get("mode", "avg") != "avg"
+        # boxes that require grad get None from the operators without a box gradient, as from
+        # torchvision's
+        box_gradient = params.get("op", "roi_align") in _BOX_GRADIENT
+        ctx.plan, ctx.layout, ctx.box_gradient = plan, layout, box_gradient
+        ctx.deterministic = deterministic
+        # the box gradient and the max-mode gradients (roi_align mode="max", roi_pool) read the
+        # feature values; the average-mode feature gradients need only their shape
+        keep = (box_gradient and ctx.needs_input_grad[1]) or plan.params.mode != "avg"
         ctx.save_for_backward(x if keep else None, rois)
         return _nchw(out, layout)
 
@@ -170,12 +189,13 @@ class _RoIAlignFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, rois = ctx.saved_tensors
-        wrt = _wrt(*ctx.needs_input_grad[:2])
+        wrt = _wrt(ctx.needs_input_grad[0], ctx.box_gradient and ctx.needs_input_grad[1])
         if wrt is None:
             return None, None, None, None
         with _kernel_stream(grad_output):
             result = ctx.plan.backward(_to_array(_nhwc(grad_output, ctx.layout)),
-                                       None if x is None else _to_array(x), wrt=wrt)
+                                       None if x is None else _to_array(x), wrt=wrt,
+                                       deterministic=ctx.deterministic)
             g_features, g_rois = _split(result, wrt)
             if g_features is not None:
                 g_features = _nchw(_to_tensor(g_features, grad_output), ctx.layout)
@@ -184,10 +204,10 @@ class _RoIAlignFunction(torch.autograd.Function):
         return g_features, g_rois, None, None
 
 
-def _apply(input: Tensor, boxes: Any, rotated: bool, params: Dict[str, Any]) -> Tensor:
+def _apply(input: Tensor, boxes: Any, params: Dict[str, Any], deterministic: bool = True) -> Tensor:
     _check_input(input)
-    rois = _rois(boxes, input, 5 if rotated else 4)
-    return _RoIAlignFunction.apply(input, rois, rotated, params)
+    rois = _rois(boxes, input, 5 if params.get("rotated") else 4)
+    return _RoIFunction.apply(input, rois, params, deterministic)
 
 
 def roi_align(input: Tensor, boxes: BoxesArg, output_size: OutputSizeArg,
@@ -216,7 +236,7 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: OutputSizeArg,
         Tensor[K, C, PH, PW] of input's dtype, on input's device (channels_last strides when the
         input had them).
     """
-    return _apply(input, boxes, False, dict(
+    return _apply(input, boxes, dict(
         output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
         aligned=aligned, mode=mode, n_threads=n_threads, allow_inverted=allow_inverted))
 
@@ -241,9 +261,106 @@ def roi_align_rotated(input: Tensor, boxes: BoxesArg, output_size: OutputSizeArg
     Returns:
         Tensor[K, C, PH, PW]; the box gradient is per (cx, cy, w, h, angle in degrees).
     """
-    return _apply(input, boxes, True, dict(
-        output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
-        aligned=aligned, clockwise=clockwise, n_threads=n_threads, allow_inverted=allow_inverted))
+    return _apply(input, boxes, dict(
+        rotated=True, output_size=output_size, spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio, aligned=aligned, clockwise=clockwise, n_threads=n_threads,
+        allow_inverted=allow_inverted))
+
+
+def roi_pool(input: Tensor, boxes: BoxesArg, output_size: OutputSizeArg,
+             spatial_scale: float = 1.0, *, n_threads: Optional[int] = None,
+             deterministic: bool = True, allow_inverted: bool = False) -> Tensor:
+    """torchvision's ``roi_pool`` (Fast R-CNN's RoIPool) on roialign_cy's kernels: the largest
+    pixel of each of PH x PW integer bins of every box (:func:`roialign_cy.roi_pool`).
+
+    Args:
+        input (Tensor[N, C, H, W]): float32 or float64 on the CPU (float16 too on CUDA); any
+            strides (channels_last runs the NHWC kernels without a copy).
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): [batch_index, x1, y1, x2, y2], or one
+            (x1, y1, x2, y2) tensor per image, in input-image pixels, on input's device. Corners
+            are rounded to whole feature pixels (halves away from zero) and a box covers its end
+            pixel (docs/conventions.md, section 8).
+        output_size (int or Tuple[int, int]): (PH, PW) bins per box.
+        spatial_scale (float): box coordinates -> feature-map coordinates (1/16 for stride 16).
+        n_threads (int, optional): CPU threads (default: OpenMP's); results do not depend on it.
+        deterministic (bool): CUDA only; False allows an atomic scatter in the backward.
+        allow_inverted (bool): accept boxes with x2 < x1 or y2 < y1, made 1 x 1 pixel as
+            torchvision does (refused with a ValueError by default).
+
+    Returns:
+        Tensor[K, C, PH, PW] of input's dtype, on input's device (channels_last strides when the
+        input had them); an empty bin gives 0. A NaN pixel wins (numpy.max's rule; torchvision
+        skips NaN pixels); on finite input the result is torchvision's. Differentiable in input:
+        each bin's gradient goes to its arg-max pixel (the first maximum in row-major order, as
+        torchvision's). The output is piecewise constant in the boxes: they get no gradient
+        (None), as in torchvision.
+    """
+    return _apply(input, boxes, dict(
+        op="roi_pool", output_size=output_size, spatial_scale=spatial_scale,
+        n_threads=n_threads, allow_inverted=allow_inverted), deterministic)
+
+
+def ps_roi_align(input: Tensor, boxes: BoxesArg, output_size: OutputSizeArg,
+                 spatial_scale: float = 1.0, sampling_ratio: int = -1, *,
+                 n_threads: Optional[int] = None, deterministic: bool = True,
+                 allow_inverted: bool = False) -> Tensor:
+    """torchvision's ``ps_roi_align`` (position-sensitive RoIAlign, R-FCN / Light-Head R-CNN) on
+    roialign_cy's kernels (:func:`roialign_cy.ps_roi_align`).
+
+    Bin (ph, pw) of output channel c averages the bilinear samples of input channel
+    ``(c * PH + ph) * PW + pw``, sampled as RoIAlign with the half-pixel offset (aligned=True,
+    torchvision's rule; docs/conventions.md, section 9.3).
+
+    Args:
+        input (Tensor[N, C, H, W]): C a multiple of PH * PW; dtypes and strides as in
+            :func:`roi_pool`.
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): as in :func:`roi_pool`.
+        output_size (int or Tuple[int, int]): (PH, PW) bins per box.
+        spatial_scale (float): box coordinates -> feature-map coordinates.
+        sampling_ratio (int): samples per bin and axis; <= 0: adaptive, ceil(roi_size / bins).
+        n_threads, deterministic, allow_inverted: as in :func:`roi_pool` (inverted boxes keep
+            their negative size, as in torchvision).
+
+    Returns:
+        Tensor[K, C / (PH * PW), PH, PW]. A box without samples (zero size with an adaptive grid)
+        gives 0, where torchvision gives NaN. Differentiable in input; the boxes get no gradient
+        (None), as in torchvision.
+    """
+    return _apply(input, boxes, dict(
+        op="ps_roi_align", output_size=output_size, spatial_scale=spatial_scale,
+        sampling_ratio=sampling_ratio, n_threads=n_threads, allow_inverted=allow_inverted),
+        deterministic)
+
+
+def ps_roi_pool(input: Tensor, boxes: BoxesArg, output_size: OutputSizeArg,
+                spatial_scale: float = 1.0, *, edge: Edge = "torchvision",
+                n_threads: Optional[int] = None, deterministic: bool = True,
+                allow_inverted: bool = False) -> Tensor:
+    """torchvision's ``ps_roi_pool`` (position-sensitive RoIPool, R-FCN) on roialign_cy's kernels
+    (:func:`roialign_cy.ps_roi_pool`): the mean of each integer bin, bin (ph, pw) of output
+    channel c read from input channel ``(c * PH + ph) * PW + pw``.
+
+    Args:
+        input (Tensor[N, C, H, W]): C a multiple of PH * PW; dtypes and strides as in
+            :func:`roi_pool`.
+        boxes (Tensor[K, 5] or List[Tensor[L, 4]]): as in :func:`roi_pool`; corners rounded to
+            whole pixels, a box ``x2 - x1`` pixels wide (at least 1) (docs/conventions.md, 9.2).
+        output_size (int or Tuple[int, int]): (PH, PW) bins per box.
+        spatial_scale (float): box coordinates -> feature-map coordinates.
+        edge ("torchvision" or "image"): how bins are clipped. "torchvision" (default): to
+            [0, H - 1) x [0, W - 1), as torchvision's forward does (the last row and column are
+            never pooled); "image": to the whole map.
+        n_threads, deterministic, allow_inverted: as in :func:`roi_pool`.
+
+    Returns:
+        Tensor[K, C / (PH * PW), PH, PW]; an empty bin gives 0. Differentiable in input: the
+        gradient is that of the chosen forward (torchvision's backward clips bins to the whole
+        map, so for bins that reach the last row or column it is the gradient of edge="image",
+        not of its own forward). The boxes get no gradient (None), as in torchvision.
+    """
+    return _apply(input, boxes, dict(
+        op="ps_roi_pool", output_size=output_size, spatial_scale=spatial_scale, edge=edge,
+        n_threads=n_threads, allow_inverted=allow_inverted), deterministic)
 
 
 class _MultiScaleFunction(torch.autograd.Function):
@@ -292,21 +409,33 @@ def _as_layout(t: Tensor, layout: str) -> Tensor:
     return t.permute(0, 2, 3, 1) if layout == "NHWC" else t.contiguous()
 
 
-class _OneLevel(nn.Module):
+class _Pooler(nn.Module):
+    """What every single-map module holds: torchvision's output_size and spatial_scale (kept as
+    given, and shown in the repr as torchvision shows them) and our n_threads."""
+
+    def __init__(self, output_size: OutputSizeArg, spatial_scale: float,
+                 n_threads: Optional[int]) -> None:
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.n_threads = n_threads
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}"
+
+
+class _OneLevel(_Pooler):
     """What RoIAlign and RoIAlignRotated hold: the pooling arguments of one feature map."""
 
     def __init__(self, output_size: OutputSizeArg, spatial_scale: float, sampling_ratio: int,
                  aligned: bool, n_threads: Optional[int]) -> None:
-        super().__init__()
-        self.output_size = output_size
-        self.spatial_scale = spatial_scale
+        super().__init__(output_size, spatial_scale, n_threads)
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
-        self.n_threads = n_threads
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
+        return (super().extra_repr() + f", sampling_ratio={self.sampling_ratio}, "
+                f"aligned={self.aligned}")
 
 
 class RoIAlign(_OneLevel):
@@ -346,6 +475,68 @@ class RoIAlignRotated(_OneLevel):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", clockwise={self.clockwise}"
+
+
+class RoIPool(_Pooler):
+    """torchvision's ``RoIPool`` module on roialign_cy's kernels; see :func:`roi_pool`.
+
+    ``forward(input, rois)`` takes the (N, C, H, W) input and the boxes in either form. The repr
+    is torchvision's.
+    """
+
+    def __init__(self, output_size: OutputSizeArg, spatial_scale: float, *,
+                 n_threads: Optional[int] = None, deterministic: bool = True) -> None:
+        super().__init__(output_size, spatial_scale, n_threads)
+        self.deterministic = deterministic
+
+    def forward(self, input: Tensor, rois: BoxesArg) -> Tensor:
+        return roi_pool(input, rois, self.output_size, self.spatial_scale,
+                        n_threads=self.n_threads, deterministic=self.deterministic)
+
+
+class PSRoIAlign(_Pooler):
+    """torchvision's ``PSRoIAlign`` module on roialign_cy's kernels; see :func:`ps_roi_align`.
+
+    ``forward(input, rois)`` takes the (N, C, H, W) input and the boxes in either form. The repr
+    is torchvision's.
+    """
+
+    def __init__(self, output_size: OutputSizeArg, spatial_scale: float, sampling_ratio: int, *,
+                 n_threads: Optional[int] = None, deterministic: bool = True) -> None:
+        super().__init__(output_size, spatial_scale, n_threads)
+        self.sampling_ratio = sampling_ratio
+        self.deterministic = deterministic
+
+    def forward(self, input: Tensor, rois: BoxesArg) -> Tensor:
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale,
+                            self.sampling_ratio, n_threads=self.n_threads,
+                            deterministic=self.deterministic)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", sampling_ratio={self.sampling_ratio}"
+
+
+class PSRoIPool(_Pooler):
+    """torchvision's ``PSRoIPool`` module on roialign_cy's kernels; see :func:`ps_roi_pool`.
+
+    ``forward(input, rois)`` takes the (N, C, H, W) input and the boxes in either form. The repr
+    is torchvision's, with ``edge`` added when it is not the default "torchvision".
+    """
+
+    def __init__(self, output_size: OutputSizeArg, spatial_scale: float, *,
+                 edge: Edge = "torchvision", n_threads: Optional[int] = None,
+                 deterministic: bool = True) -> None:
+        super().__init__(output_size, spatial_scale, n_threads)
+        self.edge = edge
+        self.deterministic = deterministic
+
+    def forward(self, input: Tensor, rois: BoxesArg) -> Tensor:
+        return ps_roi_pool(input, rois, self.output_size, self.spatial_scale, edge=self.edge,
+                           n_threads=self.n_threads, deterministic=self.deterministic)
+
+    def extra_repr(self) -> str:
+        extra = "" if self.edge == "torchvision" else f", edge={self.edge!r}"
+        return super().extra_repr() + extra
 
 
 def infer_scales(features: Sequence[Tensor], image_shapes: Sequence[Tuple[int, int]]) -> List[float]:
