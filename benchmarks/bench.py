@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""Time roialign_cy side by side with onnxruntime's RoiAlign and torchvision.ops.roi_align.
+"""Time roialign_cy side by side with onnxruntime (RoiAlign, MaxRoiPool) and torchvision.ops.
+
+roi_align, roi_pool, ps_roi_align and ps_roi_pool, forward and (torchvision, by autograd) backward.
 
 Every workload runs our kernel and each installed peer in the same process, on the same seeded
 synthetic data, at each thread setting; each peer's output is checked against ours before it is
 timed, so a mismatch is reported instead of a meaningless speed-up. Missing peers, and operators
-roialign_cy does not have yet, are reported as "n/a" / skipped rows, never as errors.
+roialign_cy does not have yet, are reported as "n/a" / skipped rows, never as errors. A peer that
+computes something else on purpose (a known difference, peers.py) is checked against that rule
+instead and flagged with "*" and a note.
 
     python benchmarks/bench.py                      # all CPU workloads, threads 1 and all cores
     python benchmarks/bench.py --quick              # fewer repeats (a smoke run)
     python benchmarks/bench.py --workloads box,mask --threads 2 --repeat 20 --json out.json
+    python benchmarks/bench.py --workloads roi-pool-box,ps-roi-align-box-backward --repeat 5
 
 GPU workloads (names starting with "gpu-") run when CuPy and a CUDA device are present: ours with
 backend="cuda" on cupy arrays against torchvision on CUDA tensors, both timed with a device-wide
@@ -44,7 +49,7 @@ def _import_ours():
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
-    op: str  # "forward" | "backward" | "rotated" | "rotated_backward"
+    op: str  # a key of _OPS: "forward" (roi_align), "backward", "roi_pool", "ps_roi_align_backward", ...
     features: tuple  # (N, C, H, W)
     n_boxes: int
     output_size: tuple
@@ -54,9 +59,12 @@ class Workload:
     device: str = "cpu"
     wrt: str = "features"  # backward ops: the gradient timed (no peer has one for "boxes")
     box_px: tuple = (8.0, 400.0)  # box sides, log-uniform, in input-image pixels
+    edge: str = "torchvision"  # ps_roi_pool only (conventions section 9.2)
 
 
 _FPN_P2 = (2, 256, 200, 304)  # stride-4 level of a 1216 x 800 image, batch of 2
+# R-FCN position-sensitive score maps: stride 8 of the same image, C = 10 classes x 7 x 7 bins
+_RFCN = (2, 10 * 7 * 7, 100, 152)
 _CPU_WORKLOADS = [
     Workload("box", "forward", _FPN_P2, 2000, (7, 7), 2),
     Workload("mask", "forward", _FPN_P2, 200, (14, 14), 2),
@@ -75,17 +83,64 @@ _CPU_WORKLOADS += [
     Workload(f"sweep-{'x'.join(map(str, f))}-{k}", "forward", f, k, (7, 7), 2, box_px=(16.0, 256.0))
     for f, ks in _SWEEP for k in ks
 ] + [Workload("mask-inference", "forward", (1, 256, 200, 304), 100, (14, 14), 2)]
+# The rest of the family on the CPU box head: RoIPool on the FPN level, the position-sensitive
+# operators on R-FCN maps (sampling_ratio does not apply to the pooling ops: 0 there).
+_CPU_WORKLOADS += [
+    Workload("roi-pool-box", "roi_pool", _FPN_P2, 2000, (7, 7), 0),
+    Workload("roi-pool-box-backward", "roi_pool_backward", _FPN_P2, 2000, (7, 7), 0),
+    Workload("ps-roi-align-box", "ps_roi_align", _RFCN, 2000, (7, 7), 2, spatial_scale=0.125),
+    Workload("ps-roi-align-box-backward", "ps_roi_align_backward", _RFCN, 2000, (7, 7), 2, spatial_scale=0.125),
+    Workload("ps-roi-pool-box", "ps_roi_pool", _RFCN, 2000, (7, 7), 0, spatial_scale=0.125),
+    # torchvision's ps_roi_pool backward clips bins to the whole map while its forward leaves out the
+    # last row and column (conventions 9.2): it is the gradient of edge="image", so that is what runs.
+    Workload("ps-roi-pool-box-backward", "ps_roi_pool_backward", _RFCN, 2000, (7, 7), 0, spatial_scale=0.125,
+             edge="image"),
+]
+# Per-call overhead of the new operators: 1 and 10 boxes of 16-256 px on a small map
+_CALL_WORKLOADS = [
+    Workload(f"{name}-call-{k}", op, features, k, (7, 7), sr, spatial_scale=scale, box_px=(16.0, 256.0))
+    for name, op, features, sr, scale in [("roi-pool", "roi_pool", (1, 256, 50, 68), 0, 0.25),
+                                          ("ps-roi-align", "ps_roi_align", (1, 490, 50, 68), 2, 0.125),
+                                          ("ps-roi-pool", "ps_roi_pool", (1, 490, 50, 68), 0, 0.125)]
+    for k in (1, 10)
+]
 _GPU_WORKLOADS = [dataclasses.replace(w, name="gpu-" + w.name, device="cuda") for w in _CPU_WORKLOADS
                   if w.name != "small" and not w.name.startswith(("sweep", "mask-inference"))]
+_CPU_WORKLOADS += _CALL_WORKLOADS
 WORKLOADS = {w.name: w for w in _CPU_WORKLOADS + _GPU_WORKLOADS}
 
-# Which roialign_cy function each op needs; rows whose function is missing are skipped with a note.
-_OUR_FUNCTION = {
-    "forward": "roi_align",
-    "backward": "roi_align_backward",
-    "rotated": "roi_align_rotated",
-    "rotated_backward": "roi_align_rotated_backward",
+# op -> (roialign_cy operator, is a backward); ours is roialign_cy.<operator>[_backward], and rows
+# whose function is missing are skipped with a note.
+_OPS = {
+    "forward": ("roi_align", False),
+    "backward": ("roi_align", True),
+    "rotated": ("roi_align_rotated", False),
+    "rotated_backward": ("roi_align_rotated", True),
+    "roi_pool": ("roi_pool", False),
+    "roi_pool_backward": ("roi_pool", True),
+    "ps_roi_align": ("ps_roi_align", False),
+    "ps_roi_align_backward": ("ps_roi_align", True),
+    "ps_roi_pool": ("ps_roi_pool", False),
+    "ps_roi_pool_backward": ("ps_roi_pool", True),
 }
+# The Workload fields each operator takes as keywords (besides output_size, and n_threads/backend)
+_OUR_KWARGS = {
+    "roi_align": ("spatial_scale", "sampling_ratio", "aligned"),
+    "roi_align_rotated": ("spatial_scale", "sampling_ratio", "aligned"),
+    "roi_pool": ("spatial_scale",),
+    "ps_roi_align": ("spatial_scale", "sampling_ratio"),
+    "ps_roi_pool": ("spatial_scale", "edge"),
+}
+
+
+def describe(w):
+    """One line saying what workload ``w`` computes (printed under the table)."""
+    operator, backward = _OPS[w.op]
+    kw = ", ".join(f"{k} {getattr(w, k)}" for k in _OUR_KWARGS[operator])
+    kind = "rotated boxes" if operator == "roi_align_rotated" else "boxes"
+    return (f"{w.name}: {operator}{'_backward (wrt ' + w.wrt + ')' if backward else ''}, features "
+            f"{w.features}, {w.n_boxes} {kind} of {w.box_px[0]:g}-{w.box_px[1]:g} px, "
+            f"{w.output_size[0]}x{w.output_size[1]}, {kw}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +175,11 @@ def make_inputs(w, seed=0):
         boxes = np.stack([batch, x1, y1, x2, y2], axis=1)
     boxes = boxes.astype(np.float32)
     grad = None
-    if w.op.endswith("backward"):
-        grad = rng.standard_normal((k, c) + tuple(w.output_size), dtype=np.float32)
+    operator, backward = _OPS[w.op]
+    if backward:
+        # position-sensitive ops: C / (PH * PW) output channels
+        c_out = c // (w.output_size[0] * w.output_size[1]) if operator.startswith("ps_") else c
+        grad = rng.standard_normal((k, c_out) + tuple(w.output_size), dtype=np.float32)
     return features, boxes, grad
 
 
@@ -175,36 +233,40 @@ class Runner:
 
     # -- our callables -------------------------------------------------------------------------
     def our_call(self, w, features, boxes, grad, n_threads):
-        fname = _OUR_FUNCTION[w.op]
+        operator, backward = _OPS[w.op]
+        fname = operator + ("_backward" if backward else "")
         fn = getattr(self.ours, fname, None)
         if fn is None:
             raise Skip(f"roialign_cy.{fname} is not available yet")
-        kw = dict(spatial_scale=w.spatial_scale, sampling_ratio=w.sampling_ratio, aligned=w.aligned)
+        kw = {k: getattr(w, k) for k in _OUR_KWARGS[operator]}
         if w.device == "cuda":
             kw["backend"] = "cuda"
         else:
             kw["n_threads"] = n_threads
-        if w.op in ("forward", "rotated"):
+        if not backward:
             return lambda: fn(features, boxes, w.output_size, **kw)
         return lambda: fn(grad, features, boxes, w.output_size, wrt=w.wrt, **kw)
 
     # -- peers' callables (None: this peer has nothing for the op) -----------------------------
     def peer_call(self, name, w, features, boxes, grad, n_threads):
+        operator, backward = _OPS[w.op]
         p = self.peers.get(name)
-        if p is None or w.op.startswith("rotated") or w.wrt != "features":
+        if p is None or operator not in p.OPERATORS or w.wrt != "features":
             return None
         args = (w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned)
         if name == "onnxruntime":
-            if w.op != "forward" or w.device != "cpu":
+            if backward or w.device != "cpu":
                 return None
+            if operator == "roi_pool":
+                return p.roi_pool(features, boxes, w.output_size, w.spatial_scale, n_threads=n_threads)
             return p.forward(features, boxes, *args, n_threads=n_threads)
         if w.device == "cuda" and not p.cuda_available():
             return None
         if n_threads is not None:  # None: a GPU row
             p.set_threads(n_threads)
-        if w.op == "forward":
-            return p.forward(features, boxes, *args, device=w.device)
-        return p.backward_features(grad, features, boxes, *args, device=w.device)
+        if not backward:
+            return p.forward(features, boxes, *args, device=w.device, operator=operator)
+        return p.backward_features(grad, features, boxes, *args, device=w.device, operator=operator)
 
     def to_numpy(self, name, x):
         if name == "torchvision":
@@ -241,7 +303,8 @@ class Runner:
         ref = self.to_numpy("ours", ref)
         # Tolerance on the max abs difference: float32 sums in a different order; the backward
         # accumulates many more terms per element than the forward.
-        tol = (1e-3 if w.op.endswith("backward") else 2e-4) * max(1.0, float(np.abs(ref).max()))
+        operator, backward = _OPS[w.op]
+        tol = (1e-3 if backward else 2e-4) * max(1.0, float(np.abs(ref).max()))
         for name in ("onnxruntime", "torchvision"):
             fn = self.peer_call(name, w, data[0], data[1], data[2], n_threads)
             if fn is None:
@@ -249,9 +312,30 @@ class Runner:
                 row[name] = {"note": why}
                 continue
             t, out = time_call(fn, self.sync_for(name, w), **timing)
-            diff = float(np.abs(self.to_numpy(name, out).astype(np.float64) - ref).max())
-            row[name] = dict(dataclasses.asdict(t), max_abs_diff=diff, agrees=diff <= tol)
+            out = self.to_numpy(name, out).astype(np.float64)
+            row[name] = dict(dataclasses.asdict(t), **agreement(out, ref, tol,
+                                                                self.peers[name].KNOWN_DIFFERENCES.get(operator)))
         return row
+
+
+def agreement(peer, ours, tol, known=None):
+    """Compare a peer's output with ours: max abs difference, whether it is within ``tol``, and
+    otherwise where the largest difference is. ``known``: (rule, why) from peers.py, where the peer
+    computes ``rule(ours)`` on purpose; a difference that the rule accounts for is ``explained``."""
+    d = np.abs(peer - ours)
+    diff = float(d.max()) if d.size else 0.0
+    cell = {"max_abs_diff": diff, "agrees": bool(diff <= tol)}
+    if not cell["agrees"]:
+        i = np.unravel_index(int(np.argmax(d)), d.shape)
+        cell["worst"] = {"index": [int(j) for j in i], "ours": float(ours[i]), "peer": float(peer[i]),
+                         "elements_beyond_tol": int((d > tol).sum()), "elements": int(d.size)}
+        if known is not None:
+            rule, why = known
+            d_rule = float(np.abs(peer - rule(ours)).max())
+            if d_rule <= tol:
+                cell["explained"] = why
+                cell["max_abs_diff_after_rule"] = d_rule
+    return cell
 
 
 def _cupy_with_device():
@@ -279,7 +363,36 @@ def _fmt_ratio(row, name):
     if "median_ms" not in cell:
         return "n/a"
     ratio = cell["median_ms"] / row["ours"]["median_ms"]
-    return f"{ratio:.2f}" + ("" if cell["agrees"] else " MISMATCH")
+    return f"{ratio:.2f}" + ("" if cell["agrees"] else " *" if "explained" in cell else " MISMATCH")
+
+
+def _unexplained(cell):
+    return not cell.get("agrees", True) and "explained" not in cell
+
+
+def format_notes(rows):
+    """Lines under the table for every peer output that is not ours: where it differs most, and
+    the known difference that accounts for it (once per peer and operator), or MISMATCH."""
+    lines, said = [], set()
+    for r in rows:
+        for name in _PEERS:
+            cell = r.get(name, {})
+            if cell.get("agrees", True):
+                continue
+            wst = cell["worst"]
+            where = (f"max|d| {cell['max_abs_diff']:.3g} at index {tuple(wst['index'])} (ours "
+                     f"{wst['ours']:.6g}, {name} {wst['peer']:.6g}); {wst['elements_beyond_tol']} of "
+                     f"{wst['elements']} elements beyond tolerance")
+            if "explained" in cell:
+                lines.append(f"* {r['workload']} threads {r['threads']}, {name}: {where}; after the known "
+                             f"difference, max|d| {cell['max_abs_diff_after_rule']:.1e}")
+                key = (name, _OPS[WORKLOADS[r['workload']].op][0])
+                if key not in said:
+                    said.add(key)
+                    lines.append(f"  known difference ({name} {key[1]}): {cell['explained']}")
+            else:
+                lines.append(f"MISMATCH {r['workload']} threads {r['threads']}, {name}: {where}")
+    return lines
 
 
 def format_table(rows):
@@ -475,14 +588,17 @@ def main(argv=None, prog=None):
             if "error" in row:
                 errors += 1
             else:
-                mismatches += sum(not row.get(n, {}).get("agrees", True) for n in _PEERS)
+                mismatches += sum(_unexplained(row.get(n, {})) for n in _PEERS)
             rows.append(row)
             print(format_table([row]).splitlines()[-1], flush=True)
+    print("\nfloat32 NCHW; each workload:")
+    for name in a.workloads:
+        print("  " + describe(WORKLOADS[name]))
     print()
-    print(f"features {_FPN_P2} float32 unless noted (small: (1, 64, 64, 64)); box/adaptive/backward/rotated: "
-          "2000 boxes 7x7; mask: 200 boxes 14x14; sampling_ratio 2 (adaptive: 0); spatial_scale 0.25; "
-          "aligned=True\n")
     print(format_table(rows))
+    notes = format_notes(rows)
+    if notes:
+        print("\n" + "\n".join(notes))
     meta["loadavg_at_end"] = _loadavg()
     print(f"\nload average at end: {meta['loadavg_at_end']}")
     if a.json:

@@ -1,12 +1,15 @@
 """Adapters that run the peer implementations (onnxruntime, torchvision) on numpy inputs.
 
 Every peer is optional: ``available_peers()`` reports which ones import, and why the others do not,
-so the benchmark can print "n/a" instead of failing. Each adapter takes the same arguments as
-``roialign_cy.roi_align`` in the form the benchmark uses ((K, 5) boxes, NCHW float32) and returns a
-zero-argument callable that runs one call (the thing being timed) plus a way to fetch its result as
-numpy for the agreement check.
+so the benchmark can print "n/a" instead of failing. Each adapter takes the arguments of the
+roialign_cy operator it stands in for, in the form the benchmark uses ((K, 5) boxes, NCHW float32),
+and returns a zero-argument callable that runs one call (the thing being timed) plus a way to fetch
+its result as numpy for the agreement check. ``OPERATORS`` says which roialign_cy operators a peer
+has; ``KNOWN_DIFFERENCES`` says where a peer computes something else than ours on finite data, and what.
 """
 import importlib
+
+import numpy as np
 
 
 def _try_import(name):
@@ -17,9 +20,27 @@ def _try_import(name):
 
 
 class OnnxRuntimePeer:
-    """onnxruntime's CPU RoiAlign, run through a one-node ONNX graph (opset 16)."""
+    """onnxruntime's CPU RoiAlign and MaxRoiPool, each run through a one-node ONNX graph (opset 16)."""
 
     name = "onnxruntime"
+
+    # roialign_cy operator -> the ONNX operator that computes it
+    OPERATORS = {"roi_align": "RoiAlign", "roi_pool": "MaxRoiPool"}
+
+    # Where onnxruntime's result is not ours on finite data: the rule that turns ours into its
+    # result (checked before the row is trusted), and why. MaxRoiPool's CPU kernel
+    # (onnxruntime/core/providers/cpu/nn/roi_pool.cc) starts each bin's max at
+    # numeric_limits<float>::lowest() now (1.32 agrees with ours exactly); older sources started it
+    # at numeric_limits<float>::min(), the smallest *positive* float, which clamps every bin from
+    # below. A run on such a build is flagged "*", with this note, instead of MISMATCH.
+    KNOWN_DIFFERENCES = {
+        "roi_pool": (
+            lambda ours: np.maximum(ours, np.finfo(np.float32).tiny),
+            "this MaxRoiPool starts each bin's max at numeric_limits<float>::min() (1.2e-38) instead "
+            "of lowest(), so a bin whose pixels are all negative gives 1.2e-38: onnxruntime = "
+            "max(ours, 1.2e-38); the same pixels are read, so the timing still compares like with like",
+        ),
+    }
 
     def __init__(self):
         self.ort, err = _try_import("onnxruntime")
@@ -31,33 +52,17 @@ class OnnxRuntimePeer:
     def version(self):
         return getattr(self.ort, "__version__", "?")
 
-    def _session(self, dtype, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode, n_threads):
-        key = (dtype, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode, n_threads)
+    def _session(self, key, dtype, node, inputs, pooled_h, pooled_w, n_threads):
+        """A cached session running the one-node graph ``node`` on ``inputs`` [(name, elem, dims)]."""
+        key = (key, dtype, n_threads)
         if key in self._sessions:
             return self._sessions[key]
-        onnx, helper, TP = self.onnx, self.onnx.helper, self.onnx.TensorProto
-        elem = {"float32": TP.FLOAT, "float64": TP.DOUBLE}[dtype]
-        node = helper.make_node(
-            "RoiAlign",
-            ["X", "rois", "batch_indices"],
-            ["Y"],
-            mode=mode,
-            output_height=pooled_h,
-            output_width=pooled_w,
-            # ONNX spells adaptive sampling 0 where torchvision and roialign_cy also accept -1.
-            sampling_ratio=max(int(sampling_ratio), 0),
-            spatial_scale=float(spatial_scale),
-            # half_pixel subtracts 0.5 (aligned=True); output_half_pixel is the opset-10 behaviour.
-            coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
-        )
+        onnx, helper = self.onnx, self.onnx.helper
+        elem = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE}[dtype]
         graph = helper.make_graph(
             [node],
             "roialign_bench",
-            [
-                helper.make_tensor_value_info("X", elem, ["N", "C", "H", "W"]),
-                helper.make_tensor_value_info("rois", elem, ["K", 4]),
-                helper.make_tensor_value_info("batch_indices", TP.INT64, ["K"]),
-            ],
+            [helper.make_tensor_value_info(name, elem if e is None else e, dims) for name, e, dims in inputs],
             [helper.make_tensor_value_info("Y", elem, ["K", "C", pooled_h, pooled_w])],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
@@ -74,10 +79,25 @@ class OnnxRuntimePeer:
         return sess
 
     def forward(self, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, n_threads, mode="avg"):
-        """Return a callable running one forward; calling it returns the output as numpy."""
-        sess = self._session(
-            features.dtype.name, output_size[0], output_size[1], spatial_scale, sampling_ratio, aligned, mode, n_threads
+        """RoiAlign (opset 16): return a callable running one forward; it returns the output as numpy."""
+        pooled_h, pooled_w = output_size
+        node = self.onnx.helper.make_node(
+            "RoiAlign",
+            ["X", "rois", "batch_indices"],
+            ["Y"],
+            mode=mode,
+            output_height=pooled_h,
+            output_width=pooled_w,
+            # ONNX spells adaptive sampling 0 where torchvision and roialign_cy also accept -1.
+            sampling_ratio=max(int(sampling_ratio), 0),
+            spatial_scale=float(spatial_scale),
+            # half_pixel subtracts 0.5 (aligned=True); output_half_pixel is the opset-10 behaviour.
+            coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel",
         )
+        inputs = [("X", None, ["N", "C", "H", "W"]), ("rois", None, ["K", 4]),
+                  ("batch_indices", self.onnx.TensorProto.INT64, ["K"])]
+        key = ("RoiAlign", pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode)
+        sess = self._session(key, features.dtype.name, node, inputs, pooled_h, pooled_w, n_threads)
         feeds = {
             "X": features,
             "rois": boxes[:, 1:].astype(features.dtype, copy=True),
@@ -85,11 +105,28 @@ class OnnxRuntimePeer:
         }
         return lambda: sess.run(["Y"], feeds)[0]
 
+    def roi_pool(self, features, boxes, output_size, spatial_scale, n_threads):
+        """MaxRoiPool (opset 1; float32 only in onnxruntime): rois (K, 5) [batch, x1, y1, x2, y2]."""
+        pooled_h, pooled_w = output_size
+        node = self.onnx.helper.make_node("MaxRoiPool", ["X", "rois"], ["Y"], pooled_shape=[pooled_h, pooled_w],
+                                          spatial_scale=float(spatial_scale))
+        inputs = [("X", None, ["N", "C", "H", "W"]), ("rois", None, ["K", 5])]
+        key = ("MaxRoiPool", pooled_h, pooled_w, spatial_scale)
+        sess = self._session(key, features.dtype.name, node, inputs, pooled_h, pooled_w, n_threads)
+        feeds = {"X": features, "rois": boxes.astype(features.dtype, copy=True)}
+        return lambda: sess.run(["Y"], feeds)[0]
+
 
 class TorchvisionPeer:
-    """torchvision.ops.roi_align on CPU (and CUDA for the GPU workloads), backward via autograd."""
+    """torchvision.ops.roi_align, roi_pool, ps_roi_align, ps_roi_pool on CPU (and CUDA for the GPU
+    workloads), backward via autograd."""
 
     name = "torchvision"
+
+    # roialign_cy operator -> torchvision.ops function of the same name (forward; backward by autograd)
+    OPERATORS = {"roi_align": "roi_align", "roi_pool": "roi_pool", "ps_roi_align": "ps_roi_align",
+                 "ps_roi_pool": "ps_roi_pool"}
+    KNOWN_DIFFERENCES = {}
 
     def __init__(self):
         self.torch, err = _try_import("torch")
@@ -114,28 +151,38 @@ class TorchvisionPeer:
         b = t.from_numpy(boxes.astype(features.dtype)).to(device)
         return f, b
 
-    def forward(self, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, device="cpu"):
+    def _op(self, operator, output_size, spatial_scale, sampling_ratio, aligned):
+        """f(features, boxes) -> output for ``operator``, with torchvision's positional arguments."""
+        fn = getattr(self.tv.ops, self.OPERATORS[operator])
+        args = {"roi_align": (output_size, spatial_scale, sampling_ratio, aligned),
+                "roi_pool": (output_size, spatial_scale),
+                "ps_roi_align": (output_size, spatial_scale, sampling_ratio),
+                "ps_roi_pool": (output_size, spatial_scale)}[operator]
+        return lambda f, b: fn(f, b, *args)
+
+    def forward(self, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, device="cpu",
+                operator="roi_align"):
         """Return a callable running one forward; its result converts with ``to_numpy``."""
         f, b = self._tensors(features, boxes, device)
-        op = self.tv.ops.roi_align
+        op = self._op(operator, output_size, spatial_scale, sampling_ratio, aligned)
         no_grad = self.torch.no_grad
 
         def run():
             with no_grad():
-                return op(f, b, output_size, spatial_scale, sampling_ratio, aligned)
+                return op(f, b)
 
         return run
 
     def backward_features(self, grad_output, features, boxes, output_size, spatial_scale, sampling_ratio, aligned,
-                          device="cpu"):
+                          device="cpu", operator="roi_align"):
         """Return a callable computing d(sum(grad_output * out))/d(features) by autograd.
 
         The forward is run once outside the timed callable (retain_graph keeps it), so only the
-        backward kernel is timed, as for roialign_cy's roi_align_backward.
+        backward kernel is timed, as for roialign_cy's ``*_backward`` functions.
         """
         t = self.torch
         f, b = self._tensors(features, boxes, device, requires_grad=True)
-        out = self.tv.ops.roi_align(f, b, output_size, spatial_scale, sampling_ratio, aligned)
+        out = self._op(operator, output_size, spatial_scale, sampling_ratio, aligned)(f, b)
         g = t.from_numpy(grad_output).to(device)
 
         def run():
