@@ -908,13 +908,9 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, list maps, const float
 
 # ---------------------------------------------------------------------------------------------
 # position-sensitive RoIAlign (conventions 9.3): bin (ph, pw) of output channel c reads input
-# channel (c * PH + ph) * PW + pw. Tasks own input planes, as in _roi_pool.pyx: the plane stays
-# in cache across an image's boxes, and each gradient plane is written by one thread in box order.
-
-cdef inline void ps_plane(Py_ssize_t ci, Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t* c,
-                          Py_ssize_t* ph, Py_ssize_t* pw) noexcept nogil:
-    c[0], ph[0], pw[0] = ci // (PH * PW), (ci // PW) % PH, ci % PW
-
+# channel (c * PH + ph) * PW + pw. Tasks own the PW input planes of one bin row of one output
+# channel of one image, as in _roi_pool.pyx: those planes stay in cache across the image's boxes,
+# and each gradient plane is written by one thread in box order.
 
 cdef inline Py_ssize_t ps_out_index(bint channels_last, Py_ssize_t Co, Py_ssize_t PH,
                                     Py_ssize_t PW, Py_ssize_t k, Py_ssize_t c, Py_ssize_t ph,
@@ -973,9 +969,11 @@ def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
                const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
                floating[:, :, :, ::1] out, bint channels_last, int n_threads):
     """Position-sensitive pooling of the boxes at sorted positions j0..j1 into ``out``: one task
-    per (image, input plane, run of its boxes)."""
-    cdef Py_ssize_t N = x.shape[0], C, H, W, Co, PH, PW, cs, runs, task, n, ci, r, lo, hi, j, k
-    cdef Py_ssize_t c, ph, pw, off
+    per (image, output channel c, bin row ph, run of the image's boxes), which owns the PW input
+    planes of that row: few enough to stay in cache, and a box's tables and outputs are visited
+    once per PW bins."""
+    cdef Py_ssize_t N = x.shape[0], C, H, W, Co, PH, PW, cs, runs, task, n, co, r, lo, hi, j, k
+    cdef Py_ssize_t ph, pw, ci, a, b
     cdef const TableSet* T = &t.ts
     cdef Axes A
     cdef const floating* X = &x[0, 0, 0, 0]
@@ -984,22 +982,27 @@ def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
         H, W, C, PH, PW, Co, cs = x.shape[1], x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], x.shape[3]
     else:
         C, H, W, Co, PH, PW, cs = x.shape[1], x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], 1
-    # split each image's boxes into runs when there are fewer planes than 4 tasks per thread
-    runs = max(1, min(j1 - j0, (4 * n_threads + N * C - 1) // (N * C)))
-    for task in prange(N * C * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
-        n = task // (C * runs)
-        ci = (task // runs) % C
+    # split each image's boxes into runs when there are fewer groups than 4 tasks per thread
+    runs = max(1, min(j1 - j0, (4 * n_threads + N * Co * PH - 1) // (N * Co * PH)))
+    for task in prange(N * Co * PH * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // (Co * PH * runs)
+        co = (task // (PH * runs)) % Co
+        ph = (task // runs) % PH
         r = task % runs
         lo = max(img_start[n], j0)
         hi = min(img_start[n + 1], j1)
         if hi <= lo:
             continue
-        ps_plane(ci, PH, PW, &c, &ph, &pw)
-        off = n * H * W * C + ci if channels_last else (n * C + ci) * H * W
-        for j in range(lo + (hi - lo) * r // runs, lo + (hi - lo) * (r + 1) // runs):
+        a = lo + (hi - lo) * r // runs
+        b = lo + (hi - lo) * (r + 1) // runs
+        for j in range(a, b):
             k = order[j]
             A = axes_at(T, j - j0, gh[k], gw[k])
-            O[ps_out_index(channels_last, Co, PH, PW, k, c, ph, pw)] = ps_average(X + off, cs, W, &A, ph, pw)
+            for pw in range(PW):
+                ci = (co * PH + ph) * PW + pw
+                O[ps_out_index(channels_last, Co, PH, PW, k, co, ph, pw)] = ps_average(
+                    X + (n * H * W * C + ci if channels_last else (n * C + ci) * H * W),
+                    cs, W, &A, ph, pw)
 
 
 def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad,
@@ -1007,8 +1010,9 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
                 Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
                 bint channels_last, int n_threads):
     """Add the feature gradient of the boxes at sorted positions j0..j1 into ``grad``: one task
-    per (image, input plane), boxes in sorted order (bit-identical for any thread count)."""
-    cdef Py_ssize_t N = grad.shape[0], C, H, W, Co, PH, PW, cs, task, n, ci, j, k, c, ph, pw, off
+    per (image, output channel, bin row), owning its PW input planes; each plane receives its
+    terms in box order (bit-identical for any thread count)."""
+    cdef Py_ssize_t N = grad.shape[0], C, H, W, Co, PH, PW, cs, task, n, co, j, k, ph, pw, ci
     cdef const TableSet* T = &t.ts
     cdef Axes A
     cdef const floating* G = &grad_out[0, 0, 0, 0]
@@ -1017,12 +1021,14 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
         H, W, C, PH, PW, Co, cs = grad.shape[1], grad.shape[2], grad.shape[3], grad_out.shape[1], grad_out.shape[2], grad_out.shape[3], grad.shape[3]
     else:
         C, H, W, Co, PH, PW, cs = grad.shape[1], grad.shape[2], grad.shape[3], grad_out.shape[1], grad_out.shape[2], grad_out.shape[3], 1
-    for task in prange(N * C, nogil=True, schedule="dynamic", num_threads=n_threads):
-        n = task // C
-        ci = task % C
-        ps_plane(ci, PH, PW, &c, &ph, &pw)
-        off = n * H * W * C + ci if channels_last else (n * C + ci) * H * W
+    for task in prange(N * Co * PH, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // (Co * PH)
+        co = (task // PH) % Co
+        ph = task % PH
         for j in range(max(img_start[n], j0), min(img_start[n + 1], j1)):
             k = order[j]
             A = axes_at(T, j - j0, gh[k], gw[k])
-            ps_scatter(GX + off, cs, W, &A, ph, pw, G[ps_out_index(channels_last, Co, PH, PW, k, c, ph, pw)])
+            for pw in range(PW):
+                ci = (co * PH + ph) * PW + pw
+                ps_scatter(GX + (n * H * W * C + ci if channels_last else (n * C + ci) * H * W),
+                           cs, W, &A, ph, pw, G[ps_out_index(channels_last, Co, PH, PW, k, co, ph, pw)])

@@ -5,9 +5,10 @@ A box is described by the pixel windows of its bins, rows [wy[2 ph], wy[2 ph + 1
 [wx[2 pw], wx[2 pw + 1]) (``windows``), computed once per box and shared by every channel, the
 forward and the gradient.
 
-Tasks own input planes: task (image n, input channel ci) visits the boxes of image n in their
-fixed order, so the plane stays in cache across the boxes, and each gradient plane is written by
-one thread in one order: bit-identical for any thread count. The forward may also split an image's
+Tasks own input planes: a task holds one plane of image n (roi_pool) or the PH x PW planes of one
+output channel (ps_roi_pool) and visits the boxes of image n in their fixed order, so the planes
+stay in cache across the boxes, and each gradient plane is written by one thread in one order:
+bit-identical for any thread count. The forward may also split an image's
 boxes into runs (its outputs are disjoint), so that few planes still keep every thread busy.
 Layouts differ only in strides: a plane's pixels are ``cs`` elements apart (1 in NCHW, C in NHWC).
 """
@@ -191,27 +192,37 @@ cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, con
 def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             const int64_t[:, ::1] win, const int64_t[::1] order, const int64_t[::1] img_start,
             int op, bint channels_last, int n_threads):
-    """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out``."""
+    """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out``. A task owns
+    a group of planes of one image: one plane (roi_pool), or the PH x PW planes of one output
+    channel (ps_roi_pool: a box's windows and outputs are then visited once for all its bins),
+    and a run of the image's boxes."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
-    cdef Py_ssize_t runs, task, n, ci, r, lo, hi, j, a, b, c, ph, pw
+    cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co
+    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, ph, pw, ci
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
     cdef const int64_t* wt = &win[0, 0]
     cdef Py_ssize_t row = win.shape[1], PH = s.PH
-    # split each image's boxes into runs when there are fewer planes than tasks wanted
-    runs = max(1, min(order.shape[0], (TASKS_PER_THREAD * n_threads + s.N * s.C - 1) // (s.N * s.C)))
-    for task in prange(s.N * s.C * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
-        n = task // (s.C * runs)
-        ci = (task // runs) % s.C
+    # split each image's boxes into runs when there are fewer groups than tasks wanted
+    runs = max(1, min(order.shape[0], (TASKS_PER_THREAD * n_threads + s.N * groups - 1) // (s.N * groups)))
+    for task in prange(s.N * groups * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // (groups * runs)
+        g = (task // runs) % groups
         r = task % runs
         lo, hi = img_start[n], img_start[n + 1]
         a = lo + (hi - lo) * r // runs
         b = lo + (hi - lo) * (r + 1) // runs
-        c, ph, pw = ci // (s.PH * s.PW), (ci // s.PW) % s.PH, ci % s.PW  # ps_roi_pool's bin
         for j in range(a, b):
-            pool_box(X + plane_offset(&s, n, ci), cs, O, &s, order[j], ci, wt + j * row,
-                     wt + j * row + 2 * PH, op, c, ph, pw)
+            if op == OP_ROI_POOL:
+                pool_box(X + plane_offset(&s, n, g), cs, O, &s, order[j], g, wt + j * row,
+                         wt + j * row + 2 * PH, op, 0, 0, 0)
+                continue
+            for ph in range(s.PH):
+                for pw in range(s.PW):
+                    ci = (g * s.PH + ph) * s.PW + pw
+                    pool_box(X + plane_offset(&s, n, ci), cs, O, &s, order[j], ci, wt + j * row,
+                             wt + j * row + 2 * PH, op, g, ph, pw)
 
 
 cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t cs,
@@ -242,23 +253,32 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
              floating[:, :, :, ::1] grad, const int64_t[:, ::1] win, const int64_t[::1] order,
              const int64_t[::1] img_start, int op, bint channels_last, int n_threads):
     """Add the feature gradient into ``grad`` (zeroed by the caller). ``x``: the features
-    (roi_pool finds each bin's arg-max there); any array of their shape for ps_roi_pool."""
+    (roi_pool finds each bin's arg-max there); any array of their shape for ps_roi_pool. A task
+    owns the plane group of ``forward`` for all of the image's boxes, which it visits in order."""
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
-    cdef Py_ssize_t task, n, ci, j, off, c, ph, pw
+    cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co
+    cdef Py_ssize_t task, n, g, j, off, ph, pw, ci
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
     cdef const int64_t* wt = &win[0, 0]
     cdef Py_ssize_t row = win.shape[1], PH = s.PH
-    for task in prange(s.N * s.C, nogil=True, schedule="dynamic", num_threads=n_threads):
-        n = task // s.C
-        ci = task % s.C
-        off = plane_offset(&s, n, ci)
-        c, ph, pw = ci // (s.PH * s.PW), (ci // s.PW) % s.PH, ci % s.PW  # ps_roi_pool's bin
+    for task in prange(s.N * groups, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // groups
+        g = task % groups
         for j in range(img_start[n], img_start[n + 1]):
-            scatter_box(X + off, GX + off, cs, G, &s, order[j], ci, wt + j * row,
-                        wt + j * row + 2 * PH, op, c, ph, pw)
+            if op == OP_ROI_POOL:
+                off = plane_offset(&s, n, g)
+                scatter_box(X + off, GX + off, cs, G, &s, order[j], g, wt + j * row,
+                            wt + j * row + 2 * PH, op, 0, 0, 0)
+                continue
+            for ph in range(s.PH):
+                for pw in range(s.PW):
+                    ci = (g * s.PH + ph) * s.PW + pw
+                    off = plane_offset(&s, n, ci)
+                    scatter_box(X + off, GX + off, cs, G, &s, order[j], ci, wt + j * row,
+                                wt + j * row + 2 * PH, op, g, ph, pw)
 
 
 # ---------------------------------------------------------------------------------------------
