@@ -34,6 +34,9 @@ __device__ __forceinline__ float floor_(float v) { return floorf(v); }
 __device__ __forceinline__ double floor_(double v) { return floor(v); }
 __device__ __forceinline__ float ceil_(float v) { return ceilf(v); }
 __device__ __forceinline__ double ceil_(double v) { return ceil(v); }
+// C's round: halves go away from zero (RoIPool's corners, docs/conventions.md 8.1)
+__device__ __forceinline__ float round_(float v) { return roundf(v); }
+__device__ __forceinline__ double round_(double v) { return round(v); }
 __device__ __forceinline__ float abs_(float v) { return fabsf(v); }
 __device__ __forceinline__ double abs_(double v) { return fabs(v); }
 __device__ __forceinline__ float sin_(float v) { return sinf(v); }

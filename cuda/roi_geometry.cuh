@@ -18,7 +18,9 @@
 
 namespace rac {
 
-enum { FLAG_ALIGNED = 1, FLAG_CLOCKWISE = 2 };
+// FLAG_IMAGE_EDGE: ps_roi_pool clips its bins to the whole map (edge="image"), not to the last
+// row and column but one (torchvision's forward; docs/conventions.md 9.2)
+enum { FLAG_ALIGNED = 1, FLAG_CLOCKWISE = 2, FLAG_IMAGE_EDGE = 4 };
 
 // Everything a kernel needs besides its arrays; built from the kernel arguments of RAC_PROBLEM.
 template <typename A> struct Problem {

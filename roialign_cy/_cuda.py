@@ -1,9 +1,10 @@
 """CUDA backend: the kernels of ``cuda/`` compiled at run time by NVRTC through CuPy.
 
-``roi_align.cu`` (axis-aligned) and ``roi_align_rotated.cu`` (rotated) include the shared headers
-``roi_common.cuh``, ``roi_geometry.cuh`` and ``roi_pool.cuh``. Each (device, source, dtype) is
-compiled once per process by ``cupy.RawModule``, its template instantiations named by
-``name_expressions``; kernels run on CuPy's current stream, on the device of the output array.
+``roi_align.cu`` (axis-aligned), ``roi_align_rotated.cu`` (rotated) and ``roi_family.cu`` (roi_pool,
+ps_roi_align, ps_roi_pool) include the shared headers ``roi_common.cuh``, ``roi_geometry.cuh`` and
+``roi_pool.cuh``. Each (device, source, dtype) is compiled once per process by ``cupy.RawModule``,
+its template instantiations named by ``name_expressions``; kernels run on CuPy's current stream,
+on the device of the output array.
 
 CuPy is imported on first use, never at import time: ``import roialign_cy`` and this module work
 without it, and a GPU call without it raises an ImportError saying what to install.
@@ -18,8 +19,13 @@ import threading
 
 import numpy as np
 
-# rotated -> source file; the headers every source includes
-SOURCES = {False: "roi_align.cu", True: "roi_align_rotated.cu"}
+# module -> source file: axis-aligned RoIAlign, rotated RoIAlign, and the operators of
+# docs/conventions.md sections 8 and 9
+SOURCES = {"roi_align": "roi_align.cu", "roi_align_rotated": "roi_align_rotated.cu", "roi_family": "roi_family.cu"}
+# the kernels' name prefix (OpParams.op, or "roi_align_rotated" for rotated boxes) -> its module
+_MODULE_OF = {"roi_align": "roi_align", "roi_align_rotated": "roi_align_rotated", "roi_pool": "roi_family",
+              "ps_roi_align": "roi_family", "ps_roi_pool": "roi_family"}
+# the headers every source includes
 HEADERS = ("roi_common.cuh", "roi_geometry.cuh", "roi_pool.cuh")
 # numpy dtype name -> C++ scalar type of the kernels
 SCALARS = {"float16": "__half", "float32": "float", "float64": "double"}
@@ -27,7 +33,7 @@ COMPILE_OPTIONS = ("-std=c++17",)
 
 _MODES = {"avg": 0, "max": 1, "onnx_max": 2}
 _GRADIENT_MODES = ("avg", "max")  # onnx_max reproduces a forward quirk and has no gradient
-_FLAG_ALIGNED, _FLAG_CLOCKWISE = 1, 2  # rac::FLAG_ALIGNED, rac::FLAG_CLOCKWISE
+_FLAG_ALIGNED, _FLAG_CLOCKWISE, _FLAG_IMAGE_EDGE = 1, 2, 4  # rac::FLAG_*
 THREADS = 256  # rac::THREADS: block size of every launch (the box gradient's tree needs it)
 # Grid-stride kernels loop, so a bounded grid covers any size; 2**16 blocks fill any current GPU.
 MAX_BLOCKS = 1 << 16
@@ -44,7 +50,7 @@ def source_dir():
         # roialign_cy/cuda has no __init__.py (a regular package named cuda in a checkout would
         # shadow NVIDIA's cuda namespace package), so files() may give a MultiplexedPath; a
         # child of it is a real path either way
-        installed = importlib.resources.files("roialign_cy.cuda").joinpath(SOURCES[False])
+        installed = importlib.resources.files("roialign_cy.cuda").joinpath(SOURCES["roi_align"])
     except (ModuleNotFoundError, TypeError, ValueError):  # not installed; Python 3.9 namespace
         installed = None
     if isinstance(installed, pathlib.Path):
@@ -59,28 +65,39 @@ def source_dir():
     )
 
 
-def _kernel_name(kernel, scalar, rotated, mode, channels_last):
+def _kernel_name(kernel, scalar, prefix, mode, channels_last):
     if kernel in ("tiles_count", "tiles_fill"):
         return f"roi_{kernel}"
-    prefix = "roi_align_rotated" if rotated else "roi_align"
     if kernel == "footprint":
         return f"{prefix}_footprint<{scalar}>"
-    targs = [scalar] + ([] if rotated else [str(_MODES[mode])]) + ["true" if channels_last else "false"]
+    # only axis-aligned RoIAlign has pooling modes
+    targs = [scalar] + ([str(_MODES[mode])] if prefix == "roi_align" else []) + ["true" if channels_last else "false"]
     return f"{prefix}_{kernel}<{', '.join(targs)}>"
+
+
+def _layout_kernels(prefix):
+    """(kernel, mode) of the instantiations of one operator for each layout."""
+    if prefix not in ("roi_align", "roi_align_rotated"):
+        # roi_pool and the position-sensitive operators: no modes, no box gradient (conventions 8, 9)
+        kernels = ("forward", "argmax") if prefix == "roi_pool" else ("forward",)
+        return [(k, None) for k in (*kernels, "backward_features_atomic", "backward_features_gather")]
+    rotated = prefix == "roi_align_rotated"
+    kernels = [("forward", mode) for mode in (("avg",) if rotated else _MODES)]
+    for mode in ("avg",) if rotated else _GRADIENT_MODES:
+        if mode != "avg":
+            kernels.append(("argmax", mode))
+        kernels += [(k, mode) for k in ("backward_features_atomic", "backward_features_gather", "backward_boxes")]
+    return kernels
 
 
 def name_expressions(source, scalar):
     """Every kernel instantiation compiled into the module of ``source`` for the C++ ``scalar``."""
-    rotated = source == SOURCES[True]
-    names = [_kernel_name(k, scalar, rotated, None, None) for k in ("footprint", "tiles_count", "tiles_fill")]
+    prefixes = [prefix for prefix, module in _MODULE_OF.items() if SOURCES[module] == source]
+    names = [_kernel_name("footprint", scalar, prefix, None, None) for prefix in prefixes]
+    names += [_kernel_name(k, scalar, None, None, None) for k in ("tiles_count", "tiles_fill")]
     for channels_last in (False, True):
-        for mode in ("avg",) if rotated else tuple(_MODES):
-            names.append(_kernel_name("forward", scalar, rotated, mode, channels_last))
-        for mode in ("avg",) if rotated else _GRADIENT_MODES:
-            if mode != "avg":
-                names.append(_kernel_name("argmax", scalar, rotated, mode, channels_last))
-            for kernel in ("backward_features_atomic", "backward_features_gather", "backward_boxes"):
-                names.append(_kernel_name(kernel, scalar, rotated, mode, channels_last))
+        for prefix in prefixes:
+            names += [_kernel_name(k, scalar, prefix, mode, channels_last) for k, mode in _layout_kernels(prefix)]
     return names
 
 
@@ -99,15 +116,18 @@ class _Call:
         self.p = p
         self.n_images, self.height, self.width, self.n_boxes = n, h, w, rois.shape[0]
         self.scalar = SCALARS[np.dtype(dtype).name]
-        self.source = SOURCES[p.rotated]
+        self.prefix = "roi_align_rotated" if p.rotated else p.op
+        self.source = SOURCES[_MODULE_OF[self.prefix]]
         self.acc_dtype = np.dtype(np.float64 if self.scalar == "double" else np.float32)
-        flags = (_FLAG_ALIGNED if p.aligned else 0) | (_FLAG_CLOCKWISE if p.clockwise else 0)
+        # ps_roi_align's kernels set FLAG_ALIGNED themselves; the edge flag only concerns ps_roi_pool
+        flags = ((_FLAG_ALIGNED if p.aligned else 0) | (_FLAG_CLOCKWISE if p.clockwise else 0)
+                 | (_FLAG_IMAGE_EDGE if p.edge == "image" else 0))
         sizes = (n, c, h, w, rois.shape[0], p.pooled_h, p.pooled_w)
         self.problem = (rois, batch_idx, *map(np.int32, sizes), np.float64(p.spatial_scale),
                         np.int32(p.sampling_ratio), np.int32(flags))
 
     def name(self, kernel):
-        return _kernel_name(kernel, self.scalar, self.p.rotated, self.p.mode, self.p.channels_last)
+        return _kernel_name(kernel, self.scalar, self.prefix, self.p.mode, self.p.channels_last)
 
 
 class _Ops:
@@ -131,9 +151,16 @@ class _Ops:
         self._run(call, "forward", (features, *call.problem, out), _grid(out.size))
 
     def _argmax(self, call, features, n_outputs):
-        """Winning sample of every output (max mode), else an unused empty array; () when the
-        operator's kernels take no arg-max argument (rotated)."""
-        if call.p.rotated:
+        """Winning sample of every output (RoIAlign's max mode), else an unused empty array; roi_pool's
+        arg-max pixels (int64: y * W + x may pass 2**31); () when the operator's kernels take no
+        arg-max argument (rotated, position-sensitive)."""
+        if call.prefix == "roi_pool":
+            if features is None:
+                raise ValueError("roi_pool's gradient needs the features: it finds the arg-max pixels again")
+            argmax = self.xp.empty(n_outputs, np.int64)
+            self._run(call, "argmax", (features, *call.problem, argmax), _grid(n_outputs))
+            return (argmax,)
+        if call.prefix != "roi_align":
             return ()
         if call.p.mode == "avg":
             return (self.xp.empty(0, np.int32),)
@@ -142,7 +169,7 @@ class _Ops:
         return (argmax,)
 
     def backward_features(self, grad_out, features, rois, batch_idx, grad_features, p):
-        if p.mode not in _GRADIENT_MODES:
+        if p.op == "roi_align" and p.mode not in _GRADIENT_MODES:
             raise ValueError(f"mode={p.mode!r} has no gradient")
         if grad_out.size == 0 or grad_features.size == 0:
             return
@@ -181,6 +208,9 @@ class _Ops:
         return np.int32(TILE), np.int32(TILE), np.int32(tiles_y), np.int32(tiles_x), offsets, boxes
 
     def backward_boxes(self, grad_out, features, rois, batch_idx, grad_rois, p):
+        if p.op != "roi_align":
+            raise ValueError(f"{p.op} has no gradient with respect to the boxes (docs/conventions.md sections 8 "
+                             "and 9); use wrt=\"features\"")
         if p.mode not in _GRADIENT_MODES:
             raise ValueError(f"mode={p.mode!r} has no gradient")
         if grad_out.size == 0:
