@@ -104,17 +104,18 @@ def _grid_sizes(rois, p):
 
 def _forward(op, features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
              layout, batch_indices, backend, n_threads, out, max_samples_per_bin, clockwise=False,
-             allow_inverted=False, edge="torchvision"):
+             allow_inverted=False, edge="torchvision", return_argmax=False):
     plan, checked = _prepare(
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
         extra_arrays={"out": out}, allow_inverted=allow_inverted, edge=edge)
-    return plan._forward(checked, out, features)
+    return plan._forward(checked, out, features, return_argmax)
 
 
 def _backward(op, grad_output, features, boxes, output_size, spatial_scale, sampling_ratio,
               aligned, mode, layout, batch_indices, wrt, backend, n_threads, deterministic,
-              max_samples_per_bin, clockwise=False, allow_inverted=False, edge="torchvision"):
+              max_samples_per_bin, clockwise=False, allow_inverted=False, edge="torchvision",
+              argmax=None):
     wrt = v.check_choice("wrt", wrt, ("features", "boxes", "both"))
     v.no_box_gradient(op, wrt)
     shape_only = isinstance(features, (tuple, list)) and not _looks_like_array(features)
@@ -124,7 +125,7 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
             "gradient reads the feature values (only the feature gradient in avg mode works from "
             "the shape)"
         )
-    if shape_only and mode != "avg":
+    if shape_only and mode != "avg" and argmax is None:
         what = "roi_pool" if op == "roi_pool" else f"mode={mode!r}"
         raise ValueError(
             f"features must be the feature array, not just its shape, for {what}: the "
@@ -136,12 +137,14 @@ def _backward(op, grad_output, features, boxes, output_size, spatial_scale, samp
     plan, checked = _prepare(
         op, features, boxes, batch_indices, output_size, spatial_scale, sampling_ratio, aligned,
         mode, layout, backend, n_threads, max_samples_per_bin, clockwise=clockwise,
-        deterministic=deterministic, extra_arrays={"grad_output": grad_output},
+        deterministic=deterministic, extra_arrays={"grad_output": grad_output, "argmax": argmax},
         shape_only_dtype=_grad_dtype(grad_output, backend) if shape_only else None,
         allow_inverted=allow_inverted, edge=edge)
     p = plan.params
     grad_output = v.grad_output(grad_output, plan.output_shape(), plan.dtype, plan.backend)
-    return plan._backward(grad_output, checked, plan.feature_shape, wrt, p)
+    if argmax is not None:
+        argmax = plan._argmax(argmax)
+    return plan._backward(grad_output, checked, plan.feature_shape, wrt, p, argmax)
 
 
 def _grad_dtype(grad_output, backend):

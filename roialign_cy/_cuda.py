@@ -144,11 +144,13 @@ class _Ops:
     def _run(self, call, kernel, args, grid):
         self._launch(call.source, call.scalar, call.name(kernel), grid, (THREADS,), args)
 
-    def forward(self, features, rois, batch_idx, out, p):
+    def forward(self, features, rois, batch_idx, out, p, argmax=None):
         if out.size == 0:
             return
         call = _Call(features.shape, features.dtype, rois, batch_idx, p)
         self._run(call, "forward", (features, *call.problem, out), _grid(out.size))
+        if argmax is not None:  # roi_pool's arg-max pixels, for a later backward
+            self._run(call, "argmax", (features, *call.problem, argmax), _grid(out.size))
 
     def _argmax(self, call, features, n_outputs):
         """Winning sample of every output (RoIAlign's max mode), else an unused empty array; roi_pool's
@@ -168,13 +170,21 @@ class _Ops:
         self._run(call, "argmax", (features, *call.problem, argmax), _grid(n_outputs))
         return (argmax,)
 
-    def backward_features(self, grad_out, features, rois, batch_idx, grad_features, p):
+    def backward_features(self, grad_out, features, rois, batch_idx, grad_features, p,
+                          argmax=None):
         if p.op == "roi_align" and p.mode not in _GRADIENT_MODES:
             raise ValueError(f"mode={p.mode!r} has no gradient")
         if grad_out.size == 0 or grad_features.size == 0:
             return
         call = _Call(grad_features.shape, grad_features.dtype, rois, batch_idx, p)
-        argmax = self._argmax(call, features, grad_out.size)
+        if argmax is not None:  # roi_pool, from a forward's arg-max: its pixels must be in the map
+            if int(argmax.min()) < -1 or int(argmax.max()) >= call.height * call.width:
+                raise ValueError(f"argmax holds entries outside [-1, H * W) = [-1, "
+                                 f"{call.height * call.width}): pass the arg-max that "
+                                 "roi_pool(..., return_argmax=True) returned for these boxes")
+            argmax = (argmax,)
+        else:
+            argmax = self._argmax(call, features, grad_out.size)
         if p.deterministic:
             tiles = self._tile_lists(call)
             self._run(call, "backward_features_gather", (grad_out, *argmax, *call.problem, *tiles, grad_features),
@@ -311,14 +321,14 @@ def _ops():
     return _GPU_OPS[0]
 
 
-def forward(features, rois, batch_idx, out, p):
+def forward(features, rois, batch_idx, out, p, argmax=None):
     with out.device:
-        _ops().forward(features, rois, batch_idx, out, p)
+        _ops().forward(features, rois, batch_idx, out, p, argmax)
 
 
-def backward_features(grad_out, features, rois, batch_idx, grad_features, p):
+def backward_features(grad_out, features, rois, batch_idx, grad_features, p, argmax=None):
     with grad_features.device:
-        _ops().backward_features(grad_out, features, rois, batch_idx, grad_features, p)
+        _ops().backward_features(grad_out, features, rois, batch_idx, grad_features, p, argmax)
 
 
 def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):

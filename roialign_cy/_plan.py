@@ -99,13 +99,20 @@ class Plan:
                                           p.pooled_h, p.pooled_w, p.op)
         return features
 
-    def forward(self, features, out=None):
-        """Pool the plan's boxes from ``features``; ``out``: optional preallocated output."""
-        return self._forward(self._features(features), out, features)
+    def forward(self, features, out=None, *, return_argmax=False):
+        """Pool the plan's boxes from ``features``; ``out``: optional preallocated output.
+        ``return_argmax`` (roi_pool only): also return each bin's arg-max pixel, for
+        ``backward(..., argmax=)``."""
+        return self._forward(self._features(features), out, features, return_argmax)
 
-    def _forward(self, features, out, original):
+    def _forward(self, features, out, original, return_argmax=False):
         oshape = out_shape(features.shape, len(self._rois), self.params)
         xp = v.xp_of(self.backend)
+        argmax = None
+        if v.check_flag("return_argmax", return_argmax):
+            if self.params.op != "roi_pool":
+                raise ValueError(f"return_argmax is roi_pool's; {self.params.op} has no arg-max")
+            argmax = v.allocate(xp, oshape, np.int64, "the arg-max")
         if out is None:
             out = v.allocate(xp, oshape, features.dtype, "the output")
         else:
@@ -113,15 +120,19 @@ class Plan:
             v.no_overlap(out, dict(self._given, features=original))
             v.no_overlap(out, {"features": features, "boxes": self._rois,
                                "batch_indices": self._batch_idx})
-        self._be.forward(features, self._rois, self._batch_idx, out, self.params,
-                         **self._kernel_run())
-        return out
+        run = self._kernel_run()
+        if argmax is not None:
+            run["argmax"] = argmax
+        self._be.forward(features, self._rois, self._batch_idx, out, self.params, **run)
+        return out if argmax is None else (out, argmax)
 
-    def backward(self, grad_output, features=None, wrt="features", *, deterministic=True):
+    def backward(self, grad_output, features=None, wrt="features", *, deterministic=True,
+                 argmax=None):
         """Gradient of ``forward`` given ``grad_output`` = dL/d(output): with respect to the
         features ("features", shaped like them), the boxes ("boxes", shaped like the boxes the
         plan was made from) or both ("both": a pair). ``features`` may be omitted for the
-        feature gradient in avg mode, which reads no feature value. ``deterministic``: GPU only,
+        feature gradient in avg mode, which reads no feature value, and for roi_pool given
+        ``argmax`` (from ``forward(..., return_argmax=True)``). ``deterministic``: GPU only,
         False allows a faster atomic scatter."""
         wrt = v.check_choice("wrt", wrt, _WRT)
         p = dataclasses.replace(self.params, deterministic=v.check_flag("deterministic",
@@ -130,7 +141,9 @@ class Plan:
         if p.mode == "onnx_max":
             raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "
                              "gradient; use mode='max' (mmcv) for a differentiable max")
-        if features is None and (wrt != "features" or p.mode != "avg"):
+        if argmax is not None:
+            argmax = self._argmax(argmax)
+        if features is None and (wrt != "features" or (p.mode != "avg" and argmax is None)):
             what = (f"wrt={wrt!r}: the box gradient" if wrt != "features"
                     else f"{'roi_pool' if p.op == 'roi_pool' else f'mode={p.mode!r}'}: the "
                     "max-mode gradient")
@@ -142,14 +155,23 @@ class Plan:
             shape = self.feature_shape
         return self._backward(v.grad_output(grad_output, out_shape(shape, len(self._rois), p),
                                             self.dtype, self.backend),
-                              features, shape, wrt, p)
+                              features, shape, wrt, p, argmax)
 
-    def _backward(self, grad_output, features, shape, wrt, p):
+    def _argmax(self, argmax):
+        """The arg-max of a roi_pool forward, checked: int64, the output's shape (its values are
+        checked by the kernels, which refuse pixels outside the map)."""
+        if self.params.op != "roi_pool":
+            raise ValueError(f"argmax is roi_pool's; {self.params.op} has no arg-max")
+        return v.argmax(argmax, self.output_shape(), self.backend)
+
+    def _backward(self, grad_output, features, shape, wrt, p, argmax=None):
         xp = v.xp_of(self.backend)
         run = self._kernel_run()
         grad_features = grad_boxes = None
         if wrt in ("features", "both"):
             grad_features = v.allocate(xp, shape, self.dtype, "the feature gradient", zeros=True)
+            if argmax is not None:
+                run = dict(run, argmax=argmax)
             self._be.backward_features(grad_output, features, self._rois, self._batch_idx,
                                        grad_features, p, **run)
         if wrt in ("boxes", "both"):

@@ -1,7 +1,7 @@
 """The rest of the RoI family: RoIPool and the position-sensitive operators (R-FCN), public
 functions. Same validation, plans and kernels structure as RoIAlign (``_api``); the conventions
 are docs/conventions.md, sections 8 and 9."""
-from typing import Optional
+from typing import Any, Optional
 
 from ._api import _backward, _forward
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
@@ -17,7 +17,7 @@ def roi_pool(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
              spatial_scale: float = 1.0, *, layout: Layout = "NCHW",
              batch_indices: Optional[ArrayLike] = None, backend: Backend = "auto",
              n_threads: Optional[int] = None, out: Optional[Array] = None,
-             allow_inverted: bool = False) -> Array:
+             allow_inverted: bool = False, return_argmax: bool = False) -> Any:
     """RoIPool (Fast R-CNN; torchvision ``roi_pool``, Caffe2 ``RoIPool``, ONNX ``MaxRoiPool``): the
     largest pixel of each of PH x PW integer bins of every box.
 
@@ -39,30 +39,38 @@ def roi_pool(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     layout, batch_indices, backend, n_threads, out, allow_inverted
         As in :func:`roialign_cy.roi_align`. Inverted boxes (x2 < x1) are refused unless
         ``allow_inverted=True``, which makes them 1 x 1 pixel (the peers' rule).
+    return_argmax : bool
+        Also return each bin's arg-max pixel (torchvision's second output), for
+        :func:`roi_pool_backward`'s ``argmax=``: the gradient then reads no feature value and
+        skips the search.
 
     Returns
     -------
-    array (K, C, PH, PW), or (K, PH, PW, C) for NHWC, of the features' dtype.
+    array (K, C, PH, PW), or (K, PH, PW, C) for NHWC, of the features' dtype; with
+    ``return_argmax``, also an int64 array of that shape: ``y * W + x`` of each bin's arg-max
+    pixel in its plane (the first maximum in row-major order), -1 for an empty bin.
     """
     return _forward("roi_pool", features, boxes, output_size, spatial_scale, 0, False, "max",
                     layout, batch_indices, backend, n_threads, out, DEFAULT_MAX_SAMPLES_PER_BIN,
-                    allow_inverted=allow_inverted)
+                    allow_inverted=allow_inverted, return_argmax=return_argmax)
 
 
-def roi_pool_backward(grad_output: ArrayLike, features: ArrayLike, boxes: Boxes,
+def roi_pool_backward(grad_output: ArrayLike, features: FeaturesOrShape, boxes: Boxes,
                       output_size: OutputSize, spatial_scale: float = 1.0, *,
                       layout: Layout = "NCHW", batch_indices: Optional[ArrayLike] = None,
                       wrt: Wrt = "features", backend: Backend = "auto",
                       n_threads: Optional[int] = None, deterministic: bool = True,
-                      allow_inverted: bool = False) -> Array:
+                      allow_inverted: bool = False, argmax: Optional[Array] = None) -> Array:
     """Gradient of :func:`roi_pool` (same arguments) with respect to the features, given
     ``grad_output`` = dL/d(output): each bin's gradient goes to its arg-max pixel (the first
-    maximum in row-major order), found again from ``features``. Bit-identical for any thread
-    count. ``wrt`` must be "features": the output is piecewise constant in the boxes.
-    ``deterministic``: GPU only, False allows an atomic scatter."""
+    maximum in row-major order), found again from ``features``, or taken from ``argmax`` (the
+    second output of ``roi_pool(..., return_argmax=True)`` on these boxes; ``features`` may then
+    be just their shape; entries outside [-1, H * W) are a ValueError). The same bits either way,
+    and for any thread count. ``wrt`` must be "features": the output is piecewise constant in
+    the boxes. ``deterministic``: GPU only, False allows an atomic scatter."""
     return _backward("roi_pool", grad_output, features, boxes, output_size, spatial_scale, 0,
                      False, "max", layout, batch_indices, wrt, backend, n_threads, deterministic,
-                     DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=allow_inverted)
+                     DEFAULT_MAX_SAMPLES_PER_BIN, allow_inverted=allow_inverted, argmax=argmax)
 
 
 def ps_roi_align(features: ArrayLike, boxes: Boxes, output_size: OutputSize,

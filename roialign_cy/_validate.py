@@ -141,6 +141,20 @@ def no_box_gradient(op, wrt):
     raise ValueError(f"wrt={wrt!r} is not available: {why}; use wrt='features'")
 
 
+def argmax(array, shape, backend):
+    """roi_pool's arg-max pixels: an integer array of the output's shape -> C-contiguous int64 of
+    the backend's array type."""
+    xp = xp_of(backend)
+    if backend == "cpu" and type(array) is not np.ndarray or backend == "cuda" and not hasattr(array, "__cuda_array_interface__"):
+        raise TypeError(f"argmax must be a {'numpy' if backend == 'cpu' else 'cupy'} array (the "
+                        f"one roi_pool(..., return_argmax=True) returned), got {type(array).__name__}")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"argmax must hold integers, got dtype {array.dtype}")
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"argmax must have the output's shape {tuple(shape)}, got {tuple(array.shape)}")
+    return xp.ascontiguousarray(array, dtype=np.int64)
+
+
 def spatial_extent(shape, layout, k):
     """Boxes need pixels to sample: an empty H or W leaves a bilinear sample no neighbours."""
     h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])

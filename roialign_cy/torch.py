@@ -173,15 +173,23 @@ class _RoIFunction(torch.autograd.Function):
             # forward and again for the backward of this step
             plan = _api.plan(_to_array(rois), tuple(x.shape), layout=layout,
                              dtype=features.dtype, **params)
-            out = _to_tensor(plan.forward(features), input)
+            # roi_pool's backward takes the forward's arg-max pixels (as torchvision's does)
+            # instead of searching the features again
+            argmax = None
+            if plan.params.op == "roi_pool" and ctx.needs_input_grad[0]:
+                result, argmax = plan.forward(features, return_argmax=True)
+            else:
+                result = plan.forward(features)
+            out = _to_tensor(result, input)
         # boxes that require grad get None from the operators without a box gradient, as from
         # torchvision's
         box_gradient = params.get("op", "roi_align") in _BOX_GRADIENT
         ctx.plan, ctx.layout, ctx.box_gradient = plan, layout, box_gradient
-        ctx.deterministic = deterministic
-        # the box gradient and the max-mode gradients (roi_align mode="max", roi_pool) read the
-        # feature values; the average-mode feature gradients need only their shape
-        keep = (box_gradient and ctx.needs_input_grad[1]) or plan.params.mode != "avg"
+        ctx.deterministic, ctx.argmax = deterministic, argmax
+        # the box gradient and roi_align's max-mode gradient read the feature values; the
+        # average-mode feature gradients need only their shape, roi_pool's its arg-max
+        keep = ((box_gradient and ctx.needs_input_grad[1])
+                or (plan.params.mode != "avg" and argmax is None))
         ctx.save_for_backward(x if keep else None, rois)
         return _nchw(out, layout)
 
@@ -195,7 +203,7 @@ class _RoIFunction(torch.autograd.Function):
         with _kernel_stream(grad_output):
             result = ctx.plan.backward(_to_array(_nhwc(grad_output, ctx.layout)),
                                        None if x is None else _to_array(x), wrt=wrt,
-                                       deterministic=ctx.deterministic)
+                                       deterministic=ctx.deterministic, argmax=ctx.argmax)
             g_features, g_rois = _split(result, wrt)
             if g_features is not None:
                 g_features = _nchw(_to_tensor(g_features, grad_output), ctx.layout)

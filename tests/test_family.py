@@ -288,3 +288,82 @@ def test_registry_lists_the_new_operators():
     for op in OPS:
         assert roialign_cy.gradient_of(op) == op + "_backward"
         assert roialign_cy.devices_of(op) == ("cpu", "cuda")
+
+
+@pytest.fixture(params=["blocks", "planes"])
+def roi_pool_loops(request, monkeypatch):
+    """roi_pool's NCHW block loops (channels-last scratch) or its plane loops, forced."""
+    from roialign_cy import _cpu
+
+    taken = []
+    original = _cpu.Run.pool_blocks
+
+    def forced(self, windows, forward, channels, n_threads):
+        taken.append(original(self, windows, forward, channels, n_threads))
+        return request.param == "blocks" and not self.p.channels_last
+
+    monkeypatch.setattr(_cpu.Run, "pool_blocks", forced)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [16, 20, 35])
+def test_roi_pool_loops_match_the_reference_and_the_arg_max_path(rng, roi_pool_loops, dtype,
+                                                                  channels):
+    """Both NCHW loop orders (whole blocks of 16 planes and a partial one), with NaN pixels,
+    against the reference; the gradient from a forward's arg-max equals the searched one."""
+    pooled = (3, 4)
+    x = make_features(rng, 2, channels, 9, 13, dtype)
+    x[0, 3, 4, 5] = x[1, channels - 1, 0, 0] = np.nan
+    boxes = sort_by_image(np.concatenate([random_boxes(rng, 30, 2, 9, 13, 0.5),
+                                          edge_case_boxes(rng, 2, 9, 13, 0.5)])).astype(dtype)
+    out = roialign_cy.roi_pool(x, boxes, pooled, 0.5, allow_inverted=True)
+    rois, b = split_batch(boxes)
+    want, want_arg = ref.roi_pool_ref(x, rois, b, *pooled, 0.5, dtype)
+    np.testing.assert_array_equal(out, want.astype(dtype))
+    out2, arg = roialign_cy.roi_pool(x, boxes, pooled, 0.5, allow_inverted=True, return_argmax=True)
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(arg, want_arg)
+    g = rng.standard_normal(out.shape).astype(dtype)
+    searched = roialign_cy.roi_pool_backward(g, x, boxes, pooled, 0.5, allow_inverted=True)
+    given = roialign_cy.roi_pool_backward(g, x.shape, boxes, pooled, 0.5, allow_inverted=True,
+                                          argmax=arg)
+    np.testing.assert_array_equal(searched, given)
+    assert_close(searched, ref.roi_pool_backward_ref(g, x, rois, b, *pooled, 0.5, dtype), dtype,
+                 "gradient")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_plan_keeps_roi_pool_arg_max_between_forward_and_backward(rng, layout):
+    x, boxes = problem(rng, "roi_pool", (2, 3, 8, 9), (2, 2), 0.5, np.float32)
+    xin = to_nhwc(x) if layout == "NHWC" else x
+    made = roialign_cy.plan(boxes, xin.shape, 2, 0.5, op="roi_pool", layout=layout)
+    out, arg = made.forward(xin, return_argmax=True)
+    assert arg.shape == out.shape and arg.dtype == np.int64
+    g = np.cos(np.arange(out.size, dtype=np.float32)).reshape(out.shape)
+    np.testing.assert_array_equal(made.backward(g, argmax=arg), made.backward(g, xin))
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda a: np.where(a == a.max(), 10 ** 6, a), ValueError, r"outside \[-1, H \* W\)"),
+    (lambda a: np.full_like(a, -3), ValueError, "outside"),
+    (lambda a: a[:1], ValueError, "argmax must have the output's shape"),
+    (lambda a: a.astype(np.float64), TypeError, "argmax must hold integers"),
+    (lambda a: a.tolist(), TypeError, "argmax must be a numpy array"),
+])
+def test_roi_pool_refuses_a_foreign_arg_max(rng, bad, error, match):
+    x, boxes = problem(rng, "roi_pool", (1, 2, 8, 9), (2, 2), 0.5, np.float64)
+    out, arg = roialign_cy.roi_pool(x, boxes, 2, 0.5, return_argmax=True)
+    before = arg.copy()
+    with pytest.raises(error, match=match):
+        roialign_cy.roi_pool_backward(np.ones_like(out), x.shape, boxes, 2, 0.5, argmax=bad(arg))
+    np.testing.assert_array_equal(arg, before)
+
+
+def test_arg_max_is_roi_pool_only():
+    x, boxes = np.zeros((1, 4, 5, 5), np.float32), np.array([[0, 1, 1, 3, 3.0]])
+    with pytest.raises(ValueError, match="return_argmax is roi_pool's"):
+        roialign_cy.plan(boxes, x.shape, 2, op="ps_roi_pool").forward(x, return_argmax=True)
+    with pytest.raises(ValueError, match="argmax is roi_pool's"):
+        roialign_cy.plan(boxes, x.shape, 2, op="ps_roi_pool").backward(
+            np.zeros((1, 1, 2, 2)), argmax=np.zeros((1, 1, 2, 2), np.int64))

@@ -335,14 +335,14 @@ def _run_of(run, maps, rois, batch_idx, p, n_work, level, scales):
     return run, n_threads
 
 
-def forward(features, rois, batch_idx, out, p, run=None):
-    forward_levels([features], rois, batch_idx, None, None, out, p, run)
+def forward(features, rois, batch_idx, out, p, run=None, argmax=None):
+    forward_levels([features], rois, batch_idx, None, None, out, p, run, argmax)
 
 
-def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None):
+def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None, argmax=None):
     """Pool each box from its level's map (``maps[level[k]]`` at scale ``scales[level[k]]``;
     level None: one map at ``p.spatial_scale``) into ``out``, all levels in one parallel
-    region."""
+    region. ``argmax`` (roi_pool only, int64 shaped like ``out``) receives the arg-max pixels."""
     if out.size == 0:
         return
     run, n_threads = _run_of(run, maps, rois, batch_idx, p, out.size, level, scales)
@@ -353,10 +353,10 @@ def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None):
             continue
         if p.integer_bins:
             if run.pool_blocks(t, True, _shape(maps[0], p)[1], n_threads):
-                _roi_pool.forward_blocks(maps[0], out, t, *run.where(), n_threads)
+                _roi_pool.forward_blocks(maps[0], out, t, *run.where(), n_threads, argmax)
             else:
                 _roi_pool.forward(maps[0], out, t, *run.where(), _roi_pool.OPS[p.op],
-                                  p.channels_last, n_threads)
+                                  p.channels_last, n_threads, argmax)
             continue
         blocks = run.blocks(j0, j1, True, _shape(maps[0], p)[1], n_threads)
         if p.rotated:
@@ -368,7 +368,19 @@ def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None):
                                n_threads)
 
 
-def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run=None):
+def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run=None,
+                      argmax=None):
+    if argmax is not None:  # roi_pool, from the arg-max pixels of a forward
+        run, n_threads = _run_of(run, [grad_features], rois, batch_idx, p, grad_out.size, None,
+                                 None)
+        bad = _roi_pool.backward_argmax(grad_out, argmax, grad_features, *run.where(),
+                                        p.channels_last, n_threads)
+        if bad:
+            n, _, h, w = _shape(grad_features, p)
+            raise ValueError(f"argmax holds {bad} entries outside [-1, H * W) = [-1, {h * w}): "
+                             "pass the arg-max that roi_pool(..., return_argmax=True) returned "
+                             "for these boxes and features")
+        return
     backward_features_levels(grad_out, [features], rois, batch_idx, None, None, [grad_features],
                              p, run)
 

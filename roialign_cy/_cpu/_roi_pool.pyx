@@ -168,20 +168,32 @@ cdef inline Py_ssize_t out_index(const Shape* s, Py_ssize_t k, Py_ssize_t c, Py_
     return ((k * s.Co + c) * s.PH + ph) * s.PW + pw
 
 
-cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, const Shape* s,
-                          Py_ssize_t k, Py_ssize_t ci, const int64_t* wy, const int64_t* wx,
-                          int op, Py_ssize_t c, Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
-    """Every output of box k that reads plane ci: PH x PW maxima (roi_pool), or the one bin
-    (ph, pw) of output channel c that ci holds (ps_roi_pool)."""
+cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int64_t* AM,
+                          const Shape* s, Py_ssize_t k, Py_ssize_t ci, const int64_t* wy,
+                          const int64_t* wx, int op, Py_ssize_t c, Py_ssize_t ph,
+                          Py_ssize_t pw) noexcept nogil:
+    """Every output of box k that reads plane ci: PH x PW maxima (roi_pool; with their arg-max
+    pixels into AM unless NULL), or the one bin (ph, pw) of output channel c that ci holds
+    (ps_roi_pool)."""
     cdef floating v
+    cdef Py_ssize_t i
+    cdef int64_t arg
     if op == OP_ROI_POOL:
         for ph in range(s.PH):
             for pw in range(s.PW):
-                v = 0  # an empty bin gives 0
+                v, arg = 0, -1  # an empty bin gives 0 and sends no gradient
                 if wy[2 * ph + 1] > wy[2 * ph] and wx[2 * pw + 1] > wx[2 * pw]:
-                    v = max_window(plane, cs, s.W, wy[2 * ph], wy[2 * ph + 1], wx[2 * pw],
-                                   wx[2 * pw + 1])
-                O[out_index(s, k, ci, ph, pw)] = v
+                    if AM == NULL:
+                        v = max_window(plane, cs, s.W, wy[2 * ph], wy[2 * ph + 1], wx[2 * pw],
+                                       wx[2 * pw + 1])
+                    else:
+                        arg = argmax_window(plane, cs, s.W, wy[2 * ph], wy[2 * ph + 1],
+                                            wx[2 * pw], wx[2 * pw + 1])
+                        v = plane[arg * cs]
+                i = out_index(s, k, ci, ph, pw)
+                O[i] = v
+                if AM != NULL:
+                    AM[i] = arg
         return
     v = 0
     if wy[2 * ph + 1] > wy[2 * ph] and wx[2 * pw + 1] > wx[2 * pw]:
@@ -191,12 +203,14 @@ cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, con
 
 def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             const int64_t[:, ::1] win, const int64_t[::1] order, const int64_t[::1] img_start,
-            int op, bint channels_last, int n_threads):
+            int op, bint channels_last, int n_threads, int64_t[:, :, :, ::1] argmax=None):
     """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out``. A task owns
     a group of planes of one image: one plane (roi_pool), or the PH x PW planes of one output
     channel (ps_roi_pool: a box's windows and outputs are then visited once for all its bins),
-    and a run of the image's boxes."""
+    and a run of the image's boxes. ``argmax`` (roi_pool, optional, shaped like ``out``) receives
+    each bin's arg-max pixel y * W + x, -1 for an empty bin."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
+    cdef int64_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef Py_ssize_t cs = s.C if channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co
     cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, ph, pw, ci
@@ -215,14 +229,14 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
         b = lo + (hi - lo) * (r + 1) // runs
         for j in range(a, b):
             if op == OP_ROI_POOL:
-                pool_box(X + plane_offset(&s, n, g), cs, O, &s, order[j], g, wt + j * row,
+                pool_box(X + plane_offset(&s, n, g), cs, O, AM, &s, order[j], g, wt + j * row,
                          wt + j * row + 2 * PH, op, 0, 0, 0)
                 continue
             for ph in range(s.PH):
                 for pw in range(s.PW):
                     ci = (g * s.PH + ph) * s.PW + pw
-                    pool_box(X + plane_offset(&s, n, ci), cs, O, &s, order[j], ci, wt + j * row,
-                             wt + j * row + 2 * PH, op, g, ph, pw)
+                    pool_box(X + plane_offset(&s, n, ci), cs, O, NULL, &s, order[j], ci,
+                             wt + j * row, wt + j * row + 2 * PH, op, g, ph, pw)
 
 
 cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t cs,
@@ -423,8 +437,10 @@ cdef inline void argmax_lanes(const floating* block, Py_ssize_t W, int64_t y0, i
 
 def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                    const int64_t[:, ::1] win, const int64_t[::1] order,
-                   const int64_t[::1] img_start, int n_threads):
-    """roi_pool of every box of NCHW ``x``, one task per (image, block of LANES planes)."""
+                   const int64_t[::1] img_start, int n_threads,
+                   int64_t[:, :, :, ::1] argmax=None):
+    """roi_pool of every box of NCHW ``x``, one task per (image, block of LANES planes); with
+    ``argmax``, each bin's arg-max pixel too (as ``forward``)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t PH = out.shape[2], PW = out.shape[3], row = win.shape[1]
     cdef Py_ssize_t nblocks = (C + LANES - 1) // LANES, task, n, c, nb, j, k, ph, pw, l
@@ -436,13 +452,16 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef floating* scratch
     cdef floating* obuf
     cdef floating* o
+    cdef int64_t* abuf
+    cdef int64_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef int failed[1]
     failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
         scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
         obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        abuf = <int64_t*>malloc(LANES * sizeof(int64_t))
         for task in prange(N * nblocks, schedule="dynamic"):
-            if scratch == NULL or obuf == NULL:
+            if scratch == NULL or obuf == NULL or abuf == NULL:
                 failed[0] = 1  # reported after the parallel region
                 continue
             n = task // nblocks
@@ -458,15 +477,25 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                 for ph in range(PH):
                     for pw in range(PW):
                         o = obuf + (ph * PW + pw) * LANES
-                        if wy[2 * ph + 1] > wy[2 * ph] and wx[2 * pw + 1] > wx[2 * pw]:
+                        if wy[2 * ph + 1] <= wy[2 * ph] or wx[2 * pw + 1] <= wx[2 * pw]:
+                            for l in range(LANES):
+                                o[l] = 0
+                            if AM != NULL:
+                                for l in range(nb):
+                                    AM[((k * C + c + l) * PH + ph) * PW + pw] = -1
+                        elif AM == NULL:
                             max_lanes(scratch, W, wy[2 * ph], wy[2 * ph + 1], wx[2 * pw],
                                       wx[2 * pw + 1], o)
                         else:
-                            for l in range(LANES):
-                                o[l] = 0
+                            argmax_lanes(scratch, W, wy[2 * ph], wy[2 * ph + 1], wx[2 * pw],
+                                         wx[2 * pw + 1], abuf)
+                            for l in range(nb):
+                                o[l] = scratch[abuf[l] * LANES + l]
+                                AM[((k * C + c + l) * PH + ph) * PW + pw] = abuf[l]
                 deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
         free(scratch)
         free(obuf)
+        free(abuf)
     if failed[0]:
         raise MemoryError("roi_pool: no memory for the per-thread channels-last scratch")
 
@@ -524,3 +553,36 @@ def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
         free(arg)
     if failed[0]:
         raise MemoryError("roi_pool: no memory for the per-thread channels-last scratch")
+
+
+def backward_argmax(const floating[:, :, :, ::1] grad_out, const int64_t[:, :, :, ::1] argmax,
+                    floating[:, :, :, ::1] grad, const int64_t[::1] order,
+                    const int64_t[::1] img_start, bint channels_last, int n_threads):
+    """roi_pool's feature gradient from the arg-max pixels a forward returned: each bin's
+    gradient added to its pixel, one task per plane visiting the boxes in order (the additions
+    of ``backward``, in its order: the same bits). Returns how many arg-max entries lie outside
+    [-1, H * W) (the caller raises; the planes they name were not written)."""
+    cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
+    cdef Py_ssize_t cs = s.C if channels_last else 1
+    cdef Py_ssize_t task, n, c, j, k, ph, pw, i, off, bad = 0
+    cdef int64_t a
+    cdef const floating* G = &grad_out[0, 0, 0, 0]
+    cdef const int64_t* AM = &argmax[0, 0, 0, 0]
+    cdef floating* GX = &grad[0, 0, 0, 0]
+    cdef int64_t pixels = s.H * s.W
+    for task in prange(s.N * s.C, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // s.C
+        c = task % s.C
+        off = plane_offset(&s, n, c)
+        for j in range(img_start[n], img_start[n + 1]):
+            k = order[j]
+            for ph in range(s.PH):
+                for pw in range(s.PW):
+                    i = out_index(&s, k, c, ph, pw)
+                    a = AM[i]
+                    if a < 0 or a >= pixels:
+                        if a != -1:
+                            bad += 1
+                        continue
+                    GX[off + a * cs] += G[i]
+    return bad
