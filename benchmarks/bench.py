@@ -60,6 +60,9 @@ class Workload:
     wrt: str = "features"  # backward ops: the gradient timed (no peer has one for "boxes")
     box_px: tuple = (8.0, 400.0)  # box sides, log-uniform, in input-image pixels
     edge: str = "torchvision"  # ps_roi_pool only (conventions section 9.2)
+    # roi_pool only: the forward also returns the arg-max pixels (as torchvision's always does),
+    # and the backward takes them (as torchvision's does) instead of searching the features again
+    argmax: bool = False
 
 
 _FPN_P2 = (2, 256, 200, 304)  # stride-4 level of a 1216 x 800 image, batch of 2
@@ -88,6 +91,8 @@ _CPU_WORKLOADS += [
 _CPU_WORKLOADS += [
     Workload("roi-pool-box", "roi_pool", _FPN_P2, 2000, (7, 7), 0),
     Workload("roi-pool-box-backward", "roi_pool_backward", _FPN_P2, 2000, (7, 7), 0),
+    Workload("roi-pool-box-argmax", "roi_pool", _FPN_P2, 2000, (7, 7), 0, argmax=True),
+    Workload("roi-pool-box-backward-argmax", "roi_pool_backward", _FPN_P2, 2000, (7, 7), 0, argmax=True),
     Workload("ps-roi-align-box", "ps_roi_align", _RFCN, 2000, (7, 7), 2, spatial_scale=0.125),
     Workload("ps-roi-align-box-backward", "ps_roi_align_backward", _RFCN, 2000, (7, 7), 2, spatial_scale=0.125),
     Workload("ps-roi-pool-box", "ps_roi_pool", _RFCN, 2000, (7, 7), 0, spatial_scale=0.125),
@@ -243,8 +248,13 @@ class Runner:
             kw["backend"] = "cuda"
         else:
             kw["n_threads"] = n_threads
+        if w.argmax and not backward:
+            return lambda: fn(features, boxes, w.output_size, return_argmax=True, **kw)[0]
         if not backward:
             return lambda: fn(features, boxes, w.output_size, **kw)
+        if w.argmax:  # the arg-max of one forward, outside the timed call
+            _, arg = self.ours.roi_pool(features, boxes, w.output_size, return_argmax=True, **kw)
+            return lambda: fn(grad, features.shape, boxes, w.output_size, wrt=w.wrt, argmax=arg, **kw)
         return lambda: fn(grad, features, boxes, w.output_size, wrt=w.wrt, **kw)
 
     # -- peers' callables (None: this peer has nothing for the op) -----------------------------

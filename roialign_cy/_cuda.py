@@ -149,8 +149,10 @@ class _Ops:
             return
         call = _Call(features.shape, features.dtype, rois, batch_idx, p)
         self._run(call, "forward", (features, *call.problem, out), _grid(out.size))
-        if argmax is not None:  # roi_pool's arg-max pixels, for a later backward
-            self._run(call, "argmax", (features, *call.problem, argmax), _grid(out.size))
+        if argmax is not None:  # roi_pool's arg-max pixels (int32 for the caller), for a backward
+            wide = self.xp.empty(out.size, np.int64)
+            self._run(call, "argmax", (features, *call.problem, wide), _grid(out.size))
+            argmax[...] = wide.reshape(argmax.shape)
 
     def _argmax(self, call, features, n_outputs):
         """Winning sample of every output (RoIAlign's max mode), else an unused empty array; roi_pool's
@@ -182,7 +184,7 @@ class _Ops:
                 raise ValueError(f"argmax holds entries outside [-1, H * W) = [-1, "
                                  f"{call.height * call.width}): pass the arg-max that "
                                  "roi_pool(..., return_argmax=True) returned for these boxes")
-            argmax = (argmax,)
+            argmax = (argmax.astype(np.int64),)  # the kernels index with 64 bits
         else:
             argmax = self._argmax(call, features, grad_out.size)
         if p.deterministic:

@@ -112,7 +112,8 @@ class Plan:
         if v.check_flag("return_argmax", return_argmax):
             if self.params.op != "roi_pool":
                 raise ValueError(f"return_argmax is roi_pool's; {self.params.op} has no arg-max")
-            argmax = v.allocate(xp, oshape, np.int64, "the arg-max")
+            v.argmax_fits(self.feature_shape, self.params.channels_last)
+            argmax = v.allocate(xp, oshape, np.int32, "the arg-max")
         if out is None:
             out = v.allocate(xp, oshape, features.dtype, "the output")
         else:
@@ -158,7 +159,7 @@ class Plan:
                               features, shape, wrt, p, argmax)
 
     def _argmax(self, argmax):
-        """The arg-max of a roi_pool forward, checked: int64, the output's shape (its values are
+        """The arg-max of a roi_pool forward, checked: int32, the output's shape (its values are
         checked by the kernels, which refuse pixels outside the map)."""
         if self.params.op != "roi_pool":
             raise ValueError(f"argmax is roi_pool's; {self.params.op} has no arg-max")

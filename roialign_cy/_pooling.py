@@ -47,8 +47,9 @@ def roi_pool(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     Returns
     -------
     array (K, C, PH, PW), or (K, PH, PW, C) for NHWC, of the features' dtype; with
-    ``return_argmax``, also an int64 array of that shape: ``y * W + x`` of each bin's arg-max
-    pixel in its plane (the first maximum in row-major order), -1 for an empty bin.
+    ``return_argmax``, also an int32 array of that shape (as torchvision's): ``y * W + x`` of
+    each bin's arg-max pixel in its plane (the first maximum in row-major order), -1 for an empty
+    bin.
     """
     return _forward("roi_pool", features, boxes, output_size, spatial_scale, 0, False, "max",
                     layout, batch_indices, backend, n_threads, out, DEFAULT_MAX_SAMPLES_PER_BIN,

@@ -142,17 +142,26 @@ def no_box_gradient(op, wrt):
 
 
 def argmax(array, shape, backend):
-    """roi_pool's arg-max pixels: an integer array of the output's shape -> C-contiguous int64 of
-    the backend's array type."""
+    """roi_pool's arg-max pixels: the int32 array of the output's shape that a forward returned
+    -> C-contiguous, of the backend's array type (its values are checked where they are used)."""
     xp = xp_of(backend)
     if backend == "cpu" and type(array) is not np.ndarray or backend == "cuda" and not hasattr(array, "__cuda_array_interface__"):
         raise TypeError(f"argmax must be a {'numpy' if backend == 'cpu' else 'cupy'} array (the "
                         f"one roi_pool(..., return_argmax=True) returned), got {type(array).__name__}")
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"argmax must hold integers, got dtype {array.dtype}")
+    if array.dtype != np.int32:
+        raise TypeError(f"argmax must be the int32 array roi_pool(..., return_argmax=True) "
+                        f"returned, got dtype {array.dtype}")
     if tuple(array.shape) != tuple(shape):
         raise ValueError(f"argmax must have the output's shape {tuple(shape)}, got {tuple(array.shape)}")
-    return xp.ascontiguousarray(array, dtype=np.int64)
+    return xp.ascontiguousarray(array)
+
+
+def argmax_fits(shape, channels_last):
+    """The int32 arg-max holds y * W + x: maps of 2**31 pixels or more cannot return one."""
+    h, w = (shape[1], shape[2]) if channels_last else (shape[2], shape[3])
+    if h * w > np.iinfo(np.int32).max:
+        raise ValueError(f"return_argmax needs fewer than 2**31 pixels per map (int32 indices, "
+                         f"as torchvision's); these maps have {h} x {w}")
 
 
 def spatial_extent(shape, layout, k):

@@ -339,7 +339,7 @@ def test_plan_keeps_roi_pool_arg_max_between_forward_and_backward(rng, layout):
     xin = to_nhwc(x) if layout == "NHWC" else x
     made = roialign_cy.plan(boxes, xin.shape, 2, 0.5, op="roi_pool", layout=layout)
     out, arg = made.forward(xin, return_argmax=True)
-    assert arg.shape == out.shape and arg.dtype == np.int64
+    assert arg.shape == out.shape and arg.dtype == np.int32
     g = np.cos(np.arange(out.size, dtype=np.float32)).reshape(out.shape)
     np.testing.assert_array_equal(made.backward(g, argmax=arg), made.backward(g, xin))
 
@@ -348,7 +348,8 @@ def test_plan_keeps_roi_pool_arg_max_between_forward_and_backward(rng, layout):
     (lambda a: np.where(a == a.max(), 10 ** 6, a), ValueError, r"outside \[-1, H \* W\)"),
     (lambda a: np.full_like(a, -3), ValueError, "outside"),
     (lambda a: a[:1], ValueError, "argmax must have the output's shape"),
-    (lambda a: a.astype(np.float64), TypeError, "argmax must hold integers"),
+    (lambda a: a.astype(np.float64), TypeError, "argmax must be the int32 array"),
+    (lambda a: a.astype(np.int64), TypeError, "argmax must be the int32 array"),
     (lambda a: a.tolist(), TypeError, "argmax must be a numpy array"),
 ])
 def test_roi_pool_refuses_a_foreign_arg_max(rng, bad, error, match):

@@ -15,7 +15,7 @@ Layouts differ only in strides: a plane's pixels are ``cs`` elements apart (1 in
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport ceil, floor, round
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -168,7 +168,7 @@ cdef inline Py_ssize_t out_index(const Shape* s, Py_ssize_t k, Py_ssize_t c, Py_
     return ((k * s.Co + c) * s.PH + ph) * s.PW + pw
 
 
-cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int64_t* AM,
+cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int32_t* AM,
                           const Shape* s, Py_ssize_t k, Py_ssize_t ci, const int64_t* wy,
                           const int64_t* wx, int op, Py_ssize_t c, Py_ssize_t ph,
                           Py_ssize_t pw) noexcept nogil:
@@ -193,7 +193,7 @@ cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int
                 i = out_index(s, k, ci, ph, pw)
                 O[i] = v
                 if AM != NULL:
-                    AM[i] = arg
+                    AM[i] = <int32_t>arg
         return
     v = 0
     if wy[2 * ph + 1] > wy[2 * ph] and wx[2 * pw + 1] > wx[2 * pw]:
@@ -203,14 +203,14 @@ cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int
 
 def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             const int64_t[:, ::1] win, const int64_t[::1] order, const int64_t[::1] img_start,
-            int op, bint channels_last, int n_threads, int64_t[:, :, :, ::1] argmax=None):
+            int op, bint channels_last, int n_threads, int32_t[:, :, :, ::1] argmax=None):
     """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out``. A task owns
     a group of planes of one image: one plane (roi_pool), or the PH x PW planes of one output
     channel (ps_roi_pool: a box's windows and outputs are then visited once for all its bins),
     and a run of the image's boxes. ``argmax`` (roi_pool, optional, shaped like ``out``) receives
     each bin's arg-max pixel y * W + x, -1 for an empty bin."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
-    cdef int64_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
+    cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef Py_ssize_t cs = s.C if channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co
     cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, ph, pw, ci
@@ -438,7 +438,7 @@ cdef inline void argmax_lanes(const floating* block, Py_ssize_t W, int64_t y0, i
 def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                    const int64_t[:, ::1] win, const int64_t[::1] order,
                    const int64_t[::1] img_start, int n_threads,
-                   int64_t[:, :, :, ::1] argmax=None):
+                   int32_t[:, :, :, ::1] argmax=None):
     """roi_pool of every box of NCHW ``x``, one task per (image, block of LANES planes); with
     ``argmax``, each bin's arg-max pixel too (as ``forward``)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
@@ -453,7 +453,7 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef floating* obuf
     cdef floating* o
     cdef int64_t* abuf
-    cdef int64_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
+    cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef int failed[1]
     failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
@@ -491,7 +491,7 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                                          wx[2 * pw + 1], abuf)
                             for l in range(nb):
                                 o[l] = scratch[abuf[l] * LANES + l]
-                                AM[((k * C + c + l) * PH + ph) * PW + pw] = abuf[l]
+                                AM[((k * C + c + l) * PH + ph) * PW + pw] = <int32_t>abuf[l]
                 deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
         free(scratch)
         free(obuf)
@@ -555,34 +555,38 @@ def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
         raise MemoryError("roi_pool: no memory for the per-thread channels-last scratch")
 
 
-def backward_argmax(const floating[:, :, :, ::1] grad_out, const int64_t[:, :, :, ::1] argmax,
+def backward_argmax(const floating[:, :, :, ::1] grad_out, const int32_t[:, :, :, ::1] argmax,
                     floating[:, :, :, ::1] grad, const int64_t[::1] order,
                     const int64_t[::1] img_start, bint channels_last, int n_threads):
     """roi_pool's feature gradient from the arg-max pixels a forward returned: each bin's
-    gradient added to its pixel, one task per plane visiting the boxes in order (the additions
-    of ``backward``, in its order: the same bits). Returns how many arg-max entries lie outside
-    [-1, H * W) (the caller raises; the planes they name were not written)."""
+    gradient added to its pixel. One task per (image, block of LANES planes) visits the boxes in
+    order, reading each box's gradient and arg-max of the block in one run (one plane at a time
+    would read them LANES times further apart): every plane receives the additions of
+    ``backward``, in its order, hence the same bits. Returns how many arg-max entries lie outside
+    [-1, H * W) (the caller raises; nothing is written for them)."""
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
-    cdef Py_ssize_t task, n, c, j, k, ph, pw, i, off, bad = 0
+    cdef Py_ssize_t nblocks = (s.C + LANES - 1) // LANES
+    cdef Py_ssize_t task, n, c, c0, c1, j, k, ph, pw, i, bad = 0
     cdef int64_t a
     cdef const floating* G = &grad_out[0, 0, 0, 0]
-    cdef const int64_t* AM = &argmax[0, 0, 0, 0]
+    cdef const int32_t* AM = &argmax[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
     cdef int64_t pixels = s.H * s.W
-    for task in prange(s.N * s.C, nogil=True, schedule="dynamic", num_threads=n_threads):
-        n = task // s.C
-        c = task % s.C
-        off = plane_offset(&s, n, c)
+    for task in prange(s.N * nblocks, nogil=True, schedule="dynamic", num_threads=n_threads):
+        n = task // nblocks
+        c0 = (task % nblocks) * LANES
+        c1 = min(c0 + LANES, s.C)
         for j in range(img_start[n], img_start[n + 1]):
             k = order[j]
-            for ph in range(s.PH):
-                for pw in range(s.PW):
-                    i = out_index(&s, k, c, ph, pw)
-                    a = AM[i]
-                    if a < 0 or a >= pixels:
-                        if a != -1:
-                            bad += 1
-                        continue
-                    GX[off + a * cs] += G[i]
+            for c in range(c0, c1):
+                for ph in range(s.PH):
+                    for pw in range(s.PW):
+                        i = out_index(&s, k, c, ph, pw)
+                        a = AM[i]
+                        if a < 0 or a >= pixels:
+                            if a != -1:
+                                bad += 1
+                            continue
+                        GX[plane_offset(&s, n, c) + a * cs] += G[i]
     return bad
