@@ -72,7 +72,7 @@ def cmd_info(args):
     print(f"CUDA sources: {d} ({', '.join(files)})" if d else f"CUDA sources: not found: {files}")
     import roialign_cy
 
-    ops = [n for n in ("roi_align", "roi_align_backward", "roi_align_rotated", "roi_align_rotated_backward")
+    ops = [n for op in roialign_cy.OPERATORS for n in (op, roialign_cy.gradient_of(op))
            if hasattr(roialign_cy, n)]
     print(f"operators: {', '.join(ops) if ops else 'none yet'}")
     return 0

@@ -341,3 +341,29 @@ def test_gpu_family_deterministic_gradients_are_bit_identical(cp, rng, monkeypat
     assert bits() == first
     monkeypatch.setattr(_cuda, "MAX_BLOCKS", 3)  # another launch configuration: same bits
     assert bits() == first
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_roi_pool_arg_max_round_trip(emu, rng, dtype, layout):
+    """forward(..., argmax=) returns the int32 arg-max pixels the CPU returns; the gradient from
+    them equals the one that searches again; entries outside the map are refused."""
+    N, H, W, pooled = 2, 9, 11, (3, 2)
+    x = rng.standard_normal((N, 3, H, W))
+    kernel, _ = kernel_inputs(rng, x, family_boxes(rng, N, H, W, 0.5), pooled, 3, dtype, layout)
+    xk, rois, batch_idx, g = kernel
+    for deterministic in (True, False):
+        p = params("roi_pool", pooled, 0.5, layout, deterministic)
+        out, arg = np.empty(g.shape, xk.dtype), np.empty(g.shape, np.int32)
+        emu.ops.forward(xk, rois, batch_idx, out, p, argmax=arg)
+        if dtype != np.float16:
+            want = np.empty_like(arg)
+            roialign_cy._cpu.forward(xk, rois, batch_idx, np.empty_like(out), p, argmax=want)
+            np.testing.assert_array_equal(arg, want)
+        searched, given = np.zeros_like(xk), np.zeros_like(xk)
+        emu.ops.backward_features(g, xk, rois, batch_idx, searched, p)
+        emu.ops.backward_features(g, None, rois, batch_idx, given, p, argmax=arg)
+        np.testing.assert_array_equal(searched, given)
+    arg.reshape(-1)[0] = H * W
+    with pytest.raises(ValueError, match="outside"):
+        emu.ops.backward_features(g, None, rois, batch_idx, np.zeros_like(xk), p, argmax=arg)
