@@ -473,6 +473,17 @@ class _Gen:
             "clockwise": (["True", "False", "np.False_"], flag_bad),
             "allow_inverted": (["True", "False", "np.True_"], flag_bad),
             "deterministic": (["True", "False"], flag_bad),
+            "return_argmax": (["True", "False", "np.True_"], flag_bad),
+            # the arg-max of a forward: pixel 0 of every bin is as legal as the real one
+            "argmax": (["None", f"np.zeros({p.oshape}, np.int32)"],
+                       [(f"np.full({p.oshape}, 2**31 - 1, np.int32)",
+                         "argmax outside the map" if int(np.prod(p.oshape)) else None),
+                        (f"np.full({p.oshape}, -2, np.int32)",
+                         "argmax outside the map" if int(np.prod(p.oshape)) else None),
+                        (f"np.zeros({p.oshape}, np.int64)", "argmax dtype"),
+                        (f"np.zeros({p.oshape}, np.float32)", "argmax dtype"),
+                        ("np.zeros(3, np.int32)", None if p.oshape == (3,) else "argmax shape"),
+                        ("'argmax'", "argmax not an array"), ("[0]", "argmax not an array")]),
             "mode": (["'avg'", "'max'"] + (["'onnx_max'"] if self.kind == "forward" else []),
                      [("'AVG'", "unknown mode"), ("'mean'", "unknown mode"), ("''", "unknown mode"),
                       ("None", "unknown mode"), ("0", "unknown mode"), ("b'avg'", "unknown mode"),
@@ -568,7 +579,9 @@ def _finalize(args, target):
     if feats["label"] == "features:shape":
         wrt = args.get("wrt", {}).get("src", "'features'")
         mode = args.get("mode", {}).get("src", "'avg'")
-        if wrt in ("'boxes'", "'both'") or mode == "'max'" or target == "roi_pool_backward":
+        argmax = args.get("argmax", {}).get("src", "None")
+        searches = target == "roi_pool_backward" and argmax == "None"
+        if wrt in ("'boxes'", "'both'") or mode == "'max'" or searches:
             feats["invalid"] = "features shape with wrt/mode reading the values"
 
 
@@ -773,6 +786,12 @@ def _after(case, fn, values, result, pre):
             c //= ph * pw
         oshape = (k, c, ph, pw) if layout == "NCHW" else (k, ph, pw, c)
     outputs = []
+    if kind == "forward" and values.get("return_argmax") is True or values.get("return_argmax") is np.True_:
+        if not (isinstance(result, tuple) and len(result) == 2):
+            return f"return_argmax=True returned {type(result).__name__}, not (output, argmax)"
+        result, argmax = result
+        if oshape is not None and (argmax.shape != oshape or argmax.dtype != np.int32):
+            return f"argmax {argmax.shape} {argmax.dtype}, expected {oshape} int32"
     if kind == "forward":
         if not isinstance(result, np.ndarray):
             return f"result is a {type(result).__name__}, not an array"
@@ -828,6 +847,8 @@ def _after(case, fn, values, result, pre):
         again = dict(snap, output_size=pre["output_size"])
         del again["out"]
         fresh = fn(*[again.pop(n) for n in case["positional"]], **again)
+        if isinstance(fresh, tuple):  # (output, argmax)
+            fresh = fresh[0]
         if not np.array_equal(fresh, result, equal_nan=True):
             alias = f" (out aliases {', '.join(aliased)})" if aliased else ""
             return f"out= result differs from a fresh output{alias}"

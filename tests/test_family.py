@@ -368,3 +368,25 @@ def test_arg_max_is_roi_pool_only():
     with pytest.raises(ValueError, match="argmax is roi_pool's"):
         roialign_cy.plan(boxes, x.shape, 2, op="ps_roi_pool").backward(
             np.zeros((1, 1, 2, 2)), argmax=np.zeros((1, 1, 2, 2), np.int64))
+
+
+# mmcv's hand-computed RoIPool cases (tests/test_ops/test_roi_pool.py there): 2 x 2 bins at scale
+# 1, the output and the gradient of sum(output); (features, box, output, gradient)
+MMCV_ROI_POOL = [
+    ([[[[1, 2], [3, 4]]]], [0, 0, 0, 1, 1], [[[[1, 2], [3, 4]]]], [[[[1, 1], [1, 1]]]]),
+    ([[[[1, 2], [3, 4]], [[4, 3], [2, 1]]]], [0, 0, 0, 1, 1], [[[[1, 2], [3, 4]], [[4, 3], [2, 1]]]],
+     [[[[1, 1], [1, 1]], [[1, 1], [1, 1]]]]),
+    ([[[[1, 2, 5, 6], [3, 4, 7, 8], [9, 10, 13, 14], [11, 12, 15, 16]]]], [0, 0, 0, 3, 3],
+     [[[[4, 8], [12, 16]]]], [[[[0, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 1, 0, 1]]]]),
+]
+
+
+@pytest.mark.parametrize("features,box,output,gradient", MMCV_ROI_POOL)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_roi_pool_matches_mmcv_tables(features, box, output, gradient, dtype):
+    x = np.array(features, dtype)
+    boxes = np.array([box], dtype)
+    out = roialign_cy.roi_pool(x, boxes, 2)
+    np.testing.assert_array_equal(out, np.array(output, dtype))
+    np.testing.assert_array_equal(roialign_cy.roi_pool_backward(np.ones_like(out), x, boxes, 2),
+                                  np.array(gradient, dtype))
