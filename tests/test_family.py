@@ -390,3 +390,20 @@ def test_roi_pool_matches_mmcv_tables(features, box, output, gradient, dtype):
     np.testing.assert_array_equal(out, np.array(output, dtype))
     np.testing.assert_array_equal(roialign_cy.roi_pool_backward(np.ones_like(out), x, boxes, 2),
                                   np.array(gradient, dtype))
+
+
+@pytest.mark.parametrize("first", [-0.0, 0.0])
+def test_roi_pool_zero_maximum_is_the_first_zero(roi_pool_loops, first):
+    """+0 and -0 are equal maxima: the output is the first in row-major order, bit for bit, in
+    either loop order (the plane loops keep four running maxima)."""
+    x = np.full((1, 17, 4, 9), -first)
+    x[:, :, 0, 0] = first
+    x[:, 3] = -1.0
+    x[:, 3, 2, 5] = first
+    # the first zero is read by the second of four running maxima, a later one by the first
+    x[:, 5] = -1.0
+    x[:, 5, 0, 1] = first
+    x[:, 5, 0, 4] = -first
+    out = roialign_cy.roi_pool(x, np.array([[0, 0, 0, 8, 3.0]]), 1)
+    assert np.all(out == 0)
+    np.testing.assert_array_equal(np.signbit(out), np.full(out.shape, np.signbit(first)))

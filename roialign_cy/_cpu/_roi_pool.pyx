@@ -96,19 +96,54 @@ def windows(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_t H,
     return table
 
 
+cdef extern from *:
+    """
+    /* The largest pixel of a window, in C with four running maxima: one running maximum is a
+       chain of dependent compares (several cycles per pixel), four overlap. Each keeps the first
+       of equal values, but +0 and -0 are equal and the four could end on another one than a
+       single scan: a zero maximum is scanned again in order, so the bits are a single scan's.
+       NaN is kept aside: a window with one is NaN (numpy.max). */
+    #define ROI_POOL_MAX_WINDOW(T)                                                              \
+    static inline T roi_pool_max_window_##T(const T* plane, Py_ssize_t cs, Py_ssize_t W,       \
+                                            int64_t y0, int64_t y1, int64_t x0, int64_t x1) {  \
+        T m0 = plane[(y0 * W + x0) * cs], m1 = m0, m2 = m0, m3 = m0;                           \
+        int nan = 0;                                                                           \
+        for (int64_t y = y0; y < y1; y++) {                                                    \
+            const T* r = plane + y * W * cs;                                                   \
+            int64_t x = x0;                                                                    \
+            for (; x + 4 <= x1; x += 4) {                                                      \
+                T a = r[x * cs], b = r[(x + 1) * cs], c = r[(x + 2) * cs], d = r[(x + 3) * cs]; \
+                m0 = a > m0 ? a : m0; m1 = b > m1 ? b : m1;                                    \
+                m2 = c > m2 ? c : m2; m3 = d > m3 ? d : m3;                                    \
+                nan |= (a != a) | (b != b) | (c != c) | (d != d);                              \
+            }                                                                                  \
+            for (; x < x1; x++) { T a = r[x * cs]; m0 = a > m0 ? a : m0; nan |= a != a; }      \
+        }                                                                                      \
+        if (nan) return (T)NAN;                                                                \
+        m0 = m1 > m0 ? m1 : m0; m0 = m2 > m0 ? m2 : m0; m0 = m3 > m0 ? m3 : m0;                \
+        if (m0 == 0) {  /* which zero: the first one in row-major order */                    \
+            for (int64_t y = y0; y < y1; y++)                                                  \
+                for (int64_t x = x0; x < x1; x++)                                              \
+                    if (plane[(y * W + x) * cs] == 0) return plane[(y * W + x) * cs];          \
+        }                                                                                      \
+        return m0;                                                                             \
+    }
+    ROI_POOL_MAX_WINDOW(float)
+    ROI_POOL_MAX_WINDOW(double)
+    """
+    float max_window_f "roi_pool_max_window_float"(const float*, Py_ssize_t, Py_ssize_t, int64_t,
+                                                   int64_t, int64_t, int64_t) noexcept nogil
+    double max_window_d "roi_pool_max_window_double"(const double*, Py_ssize_t, Py_ssize_t,
+                                                     int64_t, int64_t, int64_t,
+                                                     int64_t) noexcept nogil
+
+
 cdef inline floating max_window(const floating* plane, Py_ssize_t cs, Py_ssize_t W, int64_t y0,
                                 int64_t y1, int64_t x0, int64_t x1) noexcept nogil:
-    """Largest pixel of a non-empty window; a NaN wins and stays (numpy.max)."""
-    cdef Py_ssize_t y, x
-    cdef const floating* row
-    cdef floating v, m = plane[(y0 * W + x0) * cs]
-    for y in range(y0, y1):
-        row = plane + y * W * cs
-        for x in range(x0, x1):
-            v = row[x * cs]
-            if v > m or v != v:
-                m = v
-    return m
+    """Largest pixel of a non-empty window; NaN if it has one (numpy.max)."""
+    if floating is float:
+        return max_window_f(plane, cs, W, y0, y1, x0, x1)
+    return max_window_d(plane, cs, W, y0, y1, x0, x1)
 
 
 cdef inline Py_ssize_t argmax_window(const floating* plane, Py_ssize_t cs, Py_ssize_t W,
@@ -308,6 +343,7 @@ cdef extern from *:
        target's vector registers (scalar compares with branches otherwise: several times slower);
        plain loops elsewhere. The max keeps NaN aside: a window with one is NaN (numpy.max); the
        arg-max takes the first maximum, or the first NaN. */
+    #include <math.h>
     #include <string.h>
     #define ROI_POOL_LANES 16
     #if defined(__GNUC__) || defined(__clang__)
