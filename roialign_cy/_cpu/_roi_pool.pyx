@@ -8,9 +8,10 @@ forward and the gradient.
 Tasks own input planes: a task holds one plane of image n (roi_pool) or the PH x PW planes of one
 output channel (ps_roi_pool) and visits the boxes of image n in their fixed order, so the planes
 stay in cache across the boxes, and each gradient plane is written by one thread in one order:
-bit-identical for any thread count. The forward may also split an image's
-boxes into runs (its outputs are disjoint), so that few planes still keep every thread busy.
-Layouts differ only in strides: a plane's pixels are ``cs`` elements apart (1 in NCHW, C in NHWC).
+bit-identical for any thread count. The forward may also split an image's boxes into runs (its
+outputs are disjoint), so that few planes still keep every thread busy. Layouts differ only in
+strides: a plane's pixels are ``cs`` elements apart (1 in NCHW, C in NHWC). roi_pool on NCHW maps
+with many boxes takes the block loops at the end of this file instead.
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
