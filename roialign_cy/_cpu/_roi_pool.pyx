@@ -5,8 +5,8 @@ A box is described by the pixel windows of its bins, rows [wy[2 ph], wy[2 ph + 1
 [wx[2 pw], wx[2 pw + 1]) (``windows``), computed once per box and shared by every channel, the
 forward and the gradient.
 
-Tasks own input planes: a task holds one plane of image n (roi_pool) or the PH x PW planes of one
-output channel (ps_roi_pool) and visits the boxes of image n in their fixed order, so the planes
+Tasks own input planes: a task holds one plane of image n (roi_pool) or the PW planes of one bin
+row of one output channel (ps_roi_pool) and visits the boxes of image n in their fixed order, so the planes
 stay in cache across the boxes, and each gradient plane is written by one thread in one order:
 bit-identical for any thread count. The forward may also split an image's boxes into runs (its
 outputs are disjoint), so that few planes still keep every thread busy. Layouts differ only in
@@ -241,14 +241,14 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             const int64_t[:, ::1] win, const int64_t[::1] order, const int64_t[::1] img_start,
             int op, bint channels_last, int n_threads, int32_t[:, :, :, ::1] argmax=None):
     """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out``. A task owns
-    a group of planes of one image: one plane (roi_pool), or the PH x PW planes of one output
-    channel (ps_roi_pool: a box's windows and outputs are then visited once for all its bins),
-    and a run of the image's boxes. ``argmax`` (roi_pool, optional, shaped like ``out``) receives
+    a group of planes of one image: one plane (roi_pool), or the PW planes of one bin row of an
+    output channel (ps_roi_pool: they stay in L2, and a box's outputs of the row are written
+    together), and a run of the image's boxes. ``argmax`` (roi_pool, optional, shaped like ``out``) receives
     each bin's arg-max pixel y * W + x, -1 for an empty bin."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef Py_ssize_t cs = s.C if channels_last else 1
-    cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co
+    cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
     cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, ph, pw, ci
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
@@ -268,11 +268,10 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                 pool_box(X + plane_offset(&s, n, g), cs, O, AM, &s, order[j], g, wt + j * row,
                          wt + j * row + 2 * PH, op, 0, 0, 0)
                 continue
-            for ph in range(s.PH):
-                for pw in range(s.PW):
-                    ci = (g * s.PH + ph) * s.PW + pw
-                    pool_box(X + plane_offset(&s, n, ci), cs, O, NULL, &s, order[j], ci,
-                             wt + j * row, wt + j * row + 2 * PH, op, g, ph, pw)
+            for pw in range(s.PW):
+                ci = g * s.PW + pw  # (c * PH + ph) * PW + pw with g = c * PH + ph
+                pool_box(X + plane_offset(&s, n, ci), cs, O, NULL, &s, order[j], ci,
+                         wt + j * row, wt + j * row + 2 * PH, op, g // s.PH, g % s.PH, pw)
 
 
 cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t cs,
@@ -304,10 +303,12 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
              const int64_t[::1] img_start, int op, bint channels_last, int n_threads):
     """Add the feature gradient into ``grad`` (zeroed by the caller). ``x``: the features
     (roi_pool finds each bin's arg-max there); any array of their shape for ps_roi_pool. A task
-    owns the plane group of ``forward`` for all of the image's boxes, which it visits in order."""
+    owns one plane (roi_pool), or the PW planes of one bin row of an output channel (ps_roi_pool:
+    few enough for the gradient planes to stay in L2; the PH x PW planes of a channel measured
+    60% slower on one thread), for all of the image's boxes, which it visits in order."""
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
-    cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co
+    cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
     cdef Py_ssize_t task, n, g, j, off, ph, pw, ci
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef const floating* G = &grad_out[0, 0, 0, 0]
@@ -323,12 +324,11 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
                 scatter_box(X + off, GX + off, cs, G, &s, order[j], g, wt + j * row,
                             wt + j * row + 2 * PH, op, 0, 0, 0)
                 continue
-            for ph in range(s.PH):
-                for pw in range(s.PW):
-                    ci = (g * s.PH + ph) * s.PW + pw
-                    off = plane_offset(&s, n, ci)
-                    scatter_box(X + off, GX + off, cs, G, &s, order[j], ci, wt + j * row,
-                                wt + j * row + 2 * PH, op, g, ph, pw)
+            for pw in range(s.PW):
+                ci = g * s.PW + pw  # (c * PH + ph) * PW + pw with g = c * PH + ph
+                off = plane_offset(&s, n, ci)
+                scatter_box(X + off, GX + off, cs, G, &s, order[j], ci, wt + j * row,
+                            wt + j * row + 2 * PH, op, g // s.PH, g % s.PH, pw)
 
 
 # ---------------------------------------------------------------------------------------------
