@@ -3,6 +3,8 @@ can execute (CPUID and XCR0, decoded by ``_variants``), since this module is bui
 baseline instruction set on every platform."""
 import os
 
+from cython.parallel cimport prange
+
 cdef extern from *:
     """
     #ifdef _OPENMP
@@ -81,3 +83,14 @@ def x86_cpuid(unsigned leaf, unsigned subleaf=0):
 def x86_xcr0():
     """XCR0, the register states the OS enables (0 when it does not say, or off x86)."""
     return roialign_xcr0()
+
+
+def touch_pages(unsigned char[::1] buf, Py_ssize_t page, int n_threads):
+    """Write 0 to the first byte of every ``page`` bytes of a zero-filled buffer, each thread a
+    contiguous share: the OS maps fresh pages on first touch, and touched in order by few threads
+    they fault faster than touched in scattered order by a kernel's threads (which contend)."""
+    cdef Py_ssize_t i, n = (buf.shape[0] + page - 1) // page
+    if n == 0:
+        return
+    for i in prange(n, nogil=True, schedule="static", num_threads=n_threads):
+        buf[i * page] = 0

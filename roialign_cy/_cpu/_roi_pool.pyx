@@ -16,7 +16,7 @@ with many boxes takes the block loops at the end of this file instead.
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport ceil, floor, round
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -604,7 +604,9 @@ def backward_argmax(const floating[:, :, :, ::1] grad_out, const int32_t[:, :, :
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
     cdef Py_ssize_t nblocks = (s.C + LANES - 1) // LANES
-    cdef Py_ssize_t task, n, c, c0, c1, j, k, ph, pw, i, bad = 0
+    # bin q = ph * PW + pw of (k, c) is at base + q * step of grad_out and argmax
+    cdef Py_ssize_t step = s.C if channels_last else 1, bins = s.PH * s.PW
+    cdef Py_ssize_t task, n, c, c0, c1, j, q, base, off, bad = 0
     cdef int64_t a
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef const int32_t* AM = &argmax[0, 0, 0, 0]
@@ -615,15 +617,13 @@ def backward_argmax(const floating[:, :, :, ::1] grad_out, const int32_t[:, :, :
         c0 = (task % nblocks) * LANES
         c1 = min(c0 + LANES, s.C)
         for j in range(img_start[n], img_start[n + 1]):
-            k = order[j]
             for c in range(c0, c1):
-                for ph in range(s.PH):
-                    for pw in range(s.PW):
-                        i = out_index(&s, k, c, ph, pw)
-                        a = AM[i]
-                        if a < 0 or a >= pixels:
-                            if a != -1:
-                                bad += 1
-                            continue
-                        GX[plane_offset(&s, n, c) + a * cs] += G[i]
+                base = out_index(&s, order[j], c, 0, 0)
+                off = plane_offset(&s, n, c)
+                for q in range(bins):
+                    a = AM[base + q * step]
+                    if <uint64_t>a < <uint64_t>pixels:  # 0 <= a < H * W
+                        GX[off + a * cs] += G[base + q * step]
+                    elif a != -1:
+                        bad += 1
     return bad
