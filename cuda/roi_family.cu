@@ -336,11 +336,18 @@ __global__ void roi_pool_forward(const T* __restrict__ features, RAC_PROBLEM_PAR
     rac::roi_pool_forward_body<NHWC>(RAC_PROBLEM(T), features, out, (rac::i64*)0);
 }
 
-// The arg-max pixel of every output, for the gradients: the backward finds it again from the
-// features rather than keeping it from the forward (docs/conventions.md 8.5).
+// The arg-max pixel of every output, for the gradients: found again from the features when the
+// backward is not given the forward's (docs/conventions.md 8.5).
 template <typename T, bool NHWC>
 __global__ void roi_pool_argmax(const T* __restrict__ features, RAC_PROBLEM_PARAMS, rac::i64* __restrict__ argmax) {
     rac::roi_pool_forward_body<NHWC>(RAC_PROBLEM(T), features, (T*)0, argmax);
+}
+
+// The forward and its arg-max in one pass (roi_pool(..., return_argmax=True)).
+template <typename T, bool NHWC>
+__global__ void roi_pool_forward_argmax(const T* __restrict__ features, RAC_PROBLEM_PARAMS, T* __restrict__ out,
+                                        rac::i64* __restrict__ argmax) {
+    rac::roi_pool_forward_body<NHWC>(RAC_PROBLEM(T), features, out, argmax);
 }
 
 template <typename T, bool NHWC>

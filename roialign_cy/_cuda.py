@@ -79,7 +79,7 @@ def _layout_kernels(prefix):
     """(kernel, mode) of the instantiations of one operator for each layout."""
     if prefix not in ("roi_align", "roi_align_rotated"):
         # roi_pool and the position-sensitive operators: no modes, no box gradient (conventions 8, 9)
-        kernels = ("forward", "argmax") if prefix == "roi_pool" else ("forward",)
+        kernels = ("forward", "argmax", "forward_argmax") if prefix == "roi_pool" else ("forward",)
         return [(k, None) for k in (*kernels, "backward_features_atomic", "backward_features_gather")]
     rotated = prefix == "roi_align_rotated"
     kernels = [("forward", mode) for mode in (("avg",) if rotated else _MODES)]
@@ -148,11 +148,13 @@ class _Ops:
         if out.size == 0:
             return
         call = _Call(features.shape, features.dtype, rois, batch_idx, p)
-        self._run(call, "forward", (features, *call.problem, out), _grid(out.size))
-        if argmax is not None:  # roi_pool's arg-max pixels (int32 for the caller), for a backward
-            wide = self.xp.empty(out.size, np.int64)
-            self._run(call, "argmax", (features, *call.problem, wide), _grid(out.size))
-            argmax[...] = wide.reshape(argmax.shape)
+        if argmax is None:
+            self._run(call, "forward", (features, *call.problem, out), _grid(out.size))
+            return
+        # roi_pool's arg-max pixels too, in the same pass (int32 for the caller, as on the CPU)
+        wide = self.xp.empty(out.size, np.int64)
+        self._run(call, "forward_argmax", (features, *call.problem, out, wide), _grid(out.size))
+        argmax[...] = wide.reshape(argmax.shape)
 
     def _argmax(self, call, features, n_outputs):
         """Winning sample of every output (RoIAlign's max mode), else an unused empty array; roi_pool's

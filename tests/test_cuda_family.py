@@ -346,8 +346,9 @@ def test_gpu_family_deterministic_gradients_are_bit_identical(cp, rng, monkeypat
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_emulated_roi_pool_arg_max_round_trip(emu, rng, dtype, layout):
-    """forward(..., argmax=) returns the int32 arg-max pixels the CPU returns; the gradient from
-    them equals the one that searches again; entries outside the map are refused."""
+    """forward(..., argmax=) returns the forward's values and the int32 arg-max pixels the CPU
+    returns; the gradient from them equals the one that searches again; entries outside the map
+    are refused."""
     N, H, W, pooled = 2, 9, 11, (3, 2)
     x = rng.standard_normal((N, 3, H, W))
     kernel, _ = kernel_inputs(rng, x, family_boxes(rng, N, H, W, 0.5), pooled, 3, dtype, layout)
@@ -355,7 +356,12 @@ def test_emulated_roi_pool_arg_max_round_trip(emu, rng, dtype, layout):
     for deterministic in (True, False):
         p = params("roi_pool", pooled, 0.5, layout, deterministic)
         out, arg = np.empty(g.shape, xk.dtype), np.empty(g.shape, np.int32)
+        emu.launches.clear()
         emu.ops.forward(xk, rois, batch_idx, out, p, argmax=arg)
+        # the values and their arg-max in one pass over the bins
+        assert [name.split("<")[0] for name, _, _ in emu.launches] == ["roi_pool_forward_argmax"]
+        np.testing.assert_array_equal(out, run_kernels(emu.ops, kernel, p)[0] if layout == "NCHW"
+                                      else to_nhwc(run_kernels(emu.ops, kernel, p)[0]))
         if dtype != np.float16:
             want = np.empty_like(arg)
             roialign_cy._cpu.forward(xk, rois, batch_idx, np.empty_like(out), p, argmax=want)
