@@ -31,6 +31,7 @@ import numpy as np
 
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
 from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
+from ._planes cimport Shape, out_index, plane_offset, shape_of
 
 cdef enum:
     MODE_AVG = 0
@@ -912,14 +913,6 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, list maps, const float
 # channel of one image, as in _roi_pool.pyx: those planes stay in cache across the image's boxes,
 # and each gradient plane is written by one thread in box order.
 
-cdef inline Py_ssize_t ps_out_index(bint channels_last, Py_ssize_t Co, Py_ssize_t PH,
-                                    Py_ssize_t PW, Py_ssize_t k, Py_ssize_t c, Py_ssize_t ph,
-                                    Py_ssize_t pw) noexcept nogil:
-    if channels_last:
-        return ((k * PH + ph) * PW + pw) * Co + c
-    return ((k * Co + c) * PH + ph) * PW + pw
-
-
 cdef inline floating ps_average(const floating* plane, Py_ssize_t cs, Py_ssize_t W, const Axes* A,
                                 Py_ssize_t ph, Py_ssize_t pw) noexcept nogil:
     """Mean of bin (ph, pw)'s samples on one plane, summed sample by sample in the peers' order
@@ -972,16 +965,13 @@ def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
     per (image, output channel c, bin row ph, run of the image's boxes), which owns the PW input
     planes of that row: few enough to stay in cache, and a box's tables and outputs are visited
     once per PW bins."""
-    cdef Py_ssize_t N = x.shape[0], C, H, W, Co, PH, PW, cs, runs, task, n, co, r, lo, hi, j, k
-    cdef Py_ssize_t ph, pw, ci, a, b
+    cdef Shape s = shape_of(x.shape, out.shape, channels_last)
+    cdef Py_ssize_t N = s.N, Co = s.Co, PH = s.PH, PW = s.PW, cs = s.C if channels_last else 1
+    cdef Py_ssize_t runs, task, n, co, r, lo, hi, j, k, ph, pw, a, b
     cdef const TableSet* T = &t.ts
     cdef Axes A
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
-    if channels_last:
-        H, W, C, PH, PW, Co, cs = x.shape[1], x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], x.shape[3]
-    else:
-        C, H, W, Co, PH, PW, cs = x.shape[1], x.shape[2], x.shape[3], out.shape[1], out.shape[2], out.shape[3], 1
     # split each image's boxes into runs when there are fewer groups than 4 tasks per thread
     runs = max(1, min(j1 - j0, (4 * n_threads + N * Co * PH - 1) // (N * Co * PH)))
     for task in prange(N * Co * PH * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
@@ -999,10 +989,8 @@ def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
             k = order[j]
             A = axes_at(T, j - j0, gh[k], gw[k])
             for pw in range(PW):
-                ci = (co * PH + ph) * PW + pw
-                O[ps_out_index(channels_last, Co, PH, PW, k, co, ph, pw)] = ps_average(
-                    X + (n * H * W * C + ci if channels_last else (n * C + ci) * H * W),
-                    cs, W, &A, ph, pw)
+                O[out_index(&s, k, co, ph, pw)] = ps_average(
+                    X + plane_offset(&s, n, (co * PH + ph) * PW + pw), cs, s.W, &A, ph, pw)
 
 
 def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad,
@@ -1012,15 +1000,13 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
     """Add the feature gradient of the boxes at sorted positions j0..j1 into ``grad``: one task
     per (image, output channel, bin row), owning its PW input planes; each plane receives its
     terms in box order (bit-identical for any thread count)."""
-    cdef Py_ssize_t N = grad.shape[0], C, H, W, Co, PH, PW, cs, task, n, co, j, k, ph, pw, ci
+    cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
+    cdef Py_ssize_t N = s.N, Co = s.Co, PH = s.PH, PW = s.PW, cs = s.C if channels_last else 1
+    cdef Py_ssize_t task, n, co, j, k, ph, pw
     cdef const TableSet* T = &t.ts
     cdef Axes A
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
-    if channels_last:
-        H, W, C, PH, PW, Co, cs = grad.shape[1], grad.shape[2], grad.shape[3], grad_out.shape[1], grad_out.shape[2], grad_out.shape[3], grad.shape[3]
-    else:
-        C, H, W, Co, PH, PW, cs = grad.shape[1], grad.shape[2], grad.shape[3], grad_out.shape[1], grad_out.shape[2], grad_out.shape[3], 1
     for task in prange(N * Co * PH, nogil=True, schedule="dynamic", num_threads=n_threads):
         n = task // (Co * PH)
         co = (task // PH) % Co
@@ -1029,6 +1015,5 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
             k = order[j]
             A = axes_at(T, j - j0, gh[k], gw[k])
             for pw in range(PW):
-                ci = (co * PH + ph) * PW + pw
-                ps_scatter(GX + (n * H * W * C + ci if channels_last else (n * C + ci) * H * W),
-                           cs, W, &A, ph, pw, G[ps_out_index(channels_last, Co, PH, PW, k, co, ph, pw)])
+                ps_scatter(GX + plane_offset(&s, n, (co * PH + ph) * PW + pw), cs, s.W, &A, ph, pw,
+                           G[out_index(&s, k, co, ph, pw)])

@@ -24,6 +24,7 @@ import numpy as np
 
 from ._geometry cimport takes_max
 from ._lanes cimport LANES, add_deinterleaved, deinterleave_bins, interleave_planes
+from ._planes cimport Shape, out_index, plane_offset, shape_of
 
 cdef enum:
     OP_ROI_POOL = 0
@@ -144,7 +145,8 @@ cdef inline floating max_window(const floating* plane, Py_ssize_t cs, Py_ssize_t
     """Largest pixel of a non-empty window; NaN if it has one (numpy.max)."""
     if floating is float:
         return max_window_f(plane, cs, W, y0, y1, x0, x1)
-    return max_window_d(plane, cs, W, y0, y1, x0, x1)
+    else:
+        return max_window_d(plane, cs, W, y0, y1, x0, x1)
 
 
 cdef inline Py_ssize_t argmax_window(const floating* plane, Py_ssize_t cs, Py_ssize_t W,
@@ -171,37 +173,6 @@ cdef inline floating mean_window(const floating* plane, Py_ssize_t cs, Py_ssize_
         for x in range(x0, x1):
             s = s + plane[(y * W + x) * cs]
     return s / <floating>((y1 - y0) * (x1 - x0))
-
-
-cdef struct Shape:
-    Py_ssize_t N, C, H, W, PH, PW, Co
-    bint channels_last
-
-
-cdef inline Shape shape_of(const Py_ssize_t* fs, const Py_ssize_t* os, bint channels_last) noexcept:
-    cdef Shape s
-    s.channels_last = channels_last
-    if channels_last:
-        s.N, s.H, s.W, s.C = fs[0], fs[1], fs[2], fs[3]
-        s.PH, s.PW, s.Co = os[1], os[2], os[3]
-    else:
-        s.N, s.C, s.H, s.W = fs[0], fs[1], fs[2], fs[3]
-        s.Co, s.PH, s.PW = os[1], os[2], os[3]
-    return s
-
-
-cdef inline Py_ssize_t plane_offset(const Shape* s, Py_ssize_t n, Py_ssize_t ci) noexcept nogil:
-    """Where plane (n, ci) starts; its pixels are ``cs`` apart."""
-    if s.channels_last:
-        return n * s.H * s.W * s.C + ci
-    return (n * s.C + ci) * s.H * s.W
-
-
-cdef inline Py_ssize_t out_index(const Shape* s, Py_ssize_t k, Py_ssize_t c, Py_ssize_t ph,
-                                 Py_ssize_t pw) noexcept nogil:
-    if s.channels_last:
-        return ((k * s.PH + ph) * s.PW + pw) * s.Co + c
-    return ((k * s.Co + c) * s.PH + ph) * s.PW + pw
 
 
 cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int32_t* AM,
