@@ -306,41 +306,41 @@ def ps_channel(c, ph, pw, PH, PW):
     return (c * PH + ph) * PW + pw
 
 
-def ps_roi_pool_ref(features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, dtype=np.float64,
-                    edge="torchvision"):
-    """Position-sensitive RoIPool (conventions 9.2): the mean of each integer bin of its channel."""
-    x = np.asarray(features_nchw, dtype=np.float64)
-    N, C, H, W = x.shape
-    Co = C // (PH * PW)
-    out = np.zeros((len(rois_k4), Co, PH, PW))
+def ps_pool_windows(rois_k4, batch_idx, PH, PW, spatial_scale, H, W, Co, dtype, edge):
+    """(k, image, c, ph, pw, input channel, (row slice, column slice)) of every non-empty
+    position-sensitive integer bin (conventions 9.1, 9.2), box by box in row-major bin order."""
     for k, roi in enumerate(rois_k4):
         hs, he, ws, we = integer_bins(roi, PH, PW, spatial_scale, H, W, "ps_roi_pool", dtype, edge)
         for c in range(Co):
             for ph in range(PH):
                 for pw in range(PW):
-                    if he[ph] <= hs[ph] or we[pw] <= ws[pw]:
-                        continue
-                    plane = x[int(batch_idx[k]), ps_channel(c, ph, pw, PH, PW)]
-                    out[k, c, ph, pw] = plane[hs[ph]:he[ph], ws[pw]:we[pw]].mean()
+                    if he[ph] > hs[ph] and we[pw] > ws[pw]:
+                        yield (k, int(batch_idx[k]), c, ph, pw, ps_channel(c, ph, pw, PH, PW),
+                               (slice(hs[ph], he[ph]), slice(ws[pw], we[pw])))
+
+
+def ps_roi_pool_ref(features_nchw, rois_k4, batch_idx, PH, PW, spatial_scale, dtype=np.float64,
+                    edge="torchvision"):
+    """Position-sensitive RoIPool (conventions 9.2): the mean of each integer bin of its channel;
+    an empty bin gives 0."""
+    x = np.asarray(features_nchw, dtype=np.float64)
+    N, C, H, W = x.shape
+    out = np.zeros((len(rois_k4), C // (PH * PW), PH, PW))
+    for k, b, c, ph, pw, ci, (rows, cols) in ps_pool_windows(
+            rois_k4, batch_idx, PH, PW, spatial_scale, H, W, out.shape[1], dtype, edge):
+        out[k, c, ph, pw] = x[b, ci, rows, cols].mean()
     return out
 
 
 def ps_roi_pool_backward_ref(grad_out, feature_shape, rois_k4, batch_idx, PH, PW, spatial_scale,
                              dtype=np.float64, edge="torchvision"):
+    """Its gradient: each pixel of a bin receives grad / pixel count."""
     N, C, H, W = feature_shape
-    Co = C // (PH * PW)
     grad = np.zeros(feature_shape)
     g = np.asarray(grad_out, dtype=np.float64)
-    for k, roi in enumerate(rois_k4):
-        hs, he, ws, we = integer_bins(roi, PH, PW, spatial_scale, H, W, "ps_roi_pool", dtype, edge)
-        for c in range(Co):
-            for ph in range(PH):
-                for pw in range(PW):
-                    if he[ph] <= hs[ph] or we[pw] <= ws[pw]:
-                        continue
-                    area = (he[ph] - hs[ph]) * (we[pw] - ws[pw])
-                    grad[int(batch_idx[k]), ps_channel(c, ph, pw, PH, PW),
-                         hs[ph]:he[ph], ws[pw]:we[pw]] += g[k, c, ph, pw] / area
+    for k, b, c, ph, pw, ci, (rows, cols) in ps_pool_windows(
+            rois_k4, batch_idx, PH, PW, spatial_scale, H, W, C // (PH * PW), dtype, edge):
+        grad[b, ci, rows, cols] += g[k, c, ph, pw] / ((rows.stop - rows.start) * (cols.stop - cols.start))
     return grad
 
 
