@@ -123,3 +123,20 @@ def sort_by_image(boxes_with_batch):
 def split_batch(boxes_with_batch):
     """(coords, batch_idx) of a (K, 1 + D) box array, as the reference functions take them."""
     return boxes_with_batch[:, 1:].astype(np.float64), boxes_with_batch[:, 0].astype(np.int64)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Record what each core plan's forward and backward receive: (name, plan, args, kwargs)."""
+    seen = []
+    from roialign_cy._plan import Plan
+
+    def wrap(name, fn):
+        def spy_fn(plan, *args, **kwargs):
+            seen.append((name, plan, args, kwargs))
+            return fn(plan, *args, **kwargs)
+        return spy_fn
+
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(Plan, name, wrap(name, getattr(Plan, name)))
+    return seen

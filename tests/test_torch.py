@@ -159,23 +159,6 @@ def test_no_grad_and_inference_mode(data, context):
 
 # ---- data movement -----------------------------------------------------------------------------
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Record what each core plan's forward and backward receive: (name, plan, arguments)."""
-    seen = []
-    from roialign_cy._plan import Plan
-
-    def wrap(name, fn):
-        def spy_fn(plan, *args, **kwargs):
-            seen.append((name, plan, args, kwargs))
-            return fn(plan, *args, **kwargs)
-        return spy_fn
-
-    for name in ("forward", "backward"):
-        monkeypatch.setattr(Plan, name, wrap(name, getattr(Plan, name)))
-    return seen
-
-
 def test_contiguous_input_is_not_copied(data, spy):
     feats, boxes = data
     x, b = _t(feats, True), _t(boxes)

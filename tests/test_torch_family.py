@@ -225,23 +225,6 @@ def test_boxes_get_no_gradient(rng, op):
     assert b.grad is None
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Record what each core plan's forward and backward receive: (name, plan, args, kwargs)."""
-    seen = []
-    from roialign_cy._plan import Plan
-
-    def wrap(name, fn):
-        def spy_fn(plan, *args, **kwargs):
-            seen.append((name, plan, args, kwargs))
-            return fn(plan, *args, **kwargs)
-        return spy_fn
-
-    for name in ("forward", "backward"):
-        monkeypatch.setattr(Plan, name, wrap(name, getattr(Plan, name)))
-    return seen
-
-
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("op", OPS)
 def test_one_plan_per_step_and_what_the_backward_keeps(rng, spy, op, deterministic):
