@@ -147,6 +147,29 @@ def test_double_backward_raises(data):
         g.sum().backward()
 
 
+def fake_cuda_path(monkeypatch, events, ExternalStream, Device):
+    """Send the adapter down its CUDA branch on CPU tensors: a fake CuPy whose from_dlpack records
+    ("from_dlpack", shape) in ``events`` and whose ExternalStream and Device are the given context
+    managers; torch's current stream is 0xC0FFEE; copying a tensor to the host is an error."""
+    def from_dlpack(t):
+        assert isinstance(t, torch.Tensor)
+        events.append(("from_dlpack", tuple(t.shape)))
+        return np.from_dlpack(t)
+
+    fake_cupy = types.SimpleNamespace(
+        from_dlpack=from_dlpack, cuda=types.SimpleNamespace(ExternalStream=ExternalStream, Device=Device))
+    monkeypatch.setattr(rt._cuda, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(rt, "_is_cuda", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "current_stream",
+                        lambda device=None: types.SimpleNamespace(cuda_stream=0xC0FFEE))
+
+    def host_copy(*args, **kwargs):
+        raise AssertionError("a CUDA tensor must not be copied to the host")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", host_copy)
+    monkeypatch.setattr(torch.Tensor, "cpu", host_copy)
+
+
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
 def test_no_grad_and_inference_mode(data, context):
     feats, boxes = data
@@ -229,23 +252,7 @@ def test_cuda_path_through_dlpack_on_torch_stream(data, monkeypatch):
     class Device(Context):
         pass
 
-    def from_dlpack(t):
-        assert isinstance(t, torch.Tensor)
-        events.append(("from_dlpack", tuple(t.shape)))
-        return np.from_dlpack(t)
-
-    fake_cupy = types.SimpleNamespace(
-        from_dlpack=from_dlpack, cuda=types.SimpleNamespace(ExternalStream=ExternalStream, Device=Device))
-    monkeypatch.setattr(rt._cuda, "_cupy", lambda: fake_cupy)
-    monkeypatch.setattr(rt, "_is_cuda", lambda t: True)
-    monkeypatch.setattr(torch.cuda, "current_stream",
-                        lambda device=None: types.SimpleNamespace(cuda_stream=0xC0FFEE))
-
-    def host_copy(*args, **kwargs):
-        raise AssertionError("a CUDA tensor must not be copied to the host")
-
-    monkeypatch.setattr(torch.Tensor, "numpy", host_copy)
-    monkeypatch.setattr(torch.Tensor, "cpu", host_copy)
+    fake_cuda_path(monkeypatch, events, ExternalStream, Device)
     out = rt.roi_align(x, b, 2, SCALE, 2, True)
     out.sum().backward()
     monkeypatch.undo()

@@ -6,7 +6,6 @@ torchvision where it is installed, on its own test shapes too (the documented di
 tested as such, not skipped)."""
 import copy
 import pickle
-import types
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import roialign_cy  # noqa: E402
 import roialign_cy.torch as rt  # noqa: E402
 import reference as ref  # noqa: E402
 from conftest import edge_case_boxes, make_features, random_boxes, split_batch  # noqa: E402
+from test_torch import fake_cuda_path  # noqa: E402
 
 N, H, W = 2, 9, 11
 SCALE = 0.5
@@ -348,23 +348,7 @@ def test_cuda_path_through_dlpack_on_torch_stream(rng, op, monkeypatch):
     class Device(ExternalStream):
         pass
 
-    def from_dlpack(t):
-        assert isinstance(t, torch.Tensor)
-        events.append(("from_dlpack", tuple(t.shape)))
-        return np.from_dlpack(t)
-
-    fake_cupy = types.SimpleNamespace(from_dlpack=from_dlpack, cuda=types.SimpleNamespace(
-        ExternalStream=ExternalStream, Device=Device))
-    monkeypatch.setattr(rt._cuda, "_cupy", lambda: fake_cupy)
-    monkeypatch.setattr(rt, "_is_cuda", lambda t: True)
-    monkeypatch.setattr(torch.cuda, "current_stream",
-                        lambda device=None: types.SimpleNamespace(cuda_stream=0xC0FFEE))
-
-    def host_copy(*args, **kwargs):
-        raise AssertionError("a CUDA tensor must not be copied to the host")
-
-    monkeypatch.setattr(torch.Tensor, "numpy", host_copy)
-    monkeypatch.setattr(torch.Tensor, "cpu", host_copy)
+    fake_cuda_path(monkeypatch, events, ExternalStream, Device)
     out = _ours(op, x, _t(boxes))
     (grad,) = torch.autograd.grad(out.sum(), x)
     monkeypatch.undo()
