@@ -23,7 +23,8 @@ from libc.string cimport memset
 import numpy as np
 
 from ._geometry cimport takes_max
-from ._lanes cimport LANES, add_deinterleaved, deinterleave_bins, interleave_planes
+from ._lanes cimport (LANES, BlockTask, add_deinterleaved, block_task, deinterleave_bins,
+                      interleave_planes)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 
 cdef enum:
@@ -462,6 +463,7 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef floating* o
     cdef int64_t* abuf
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
+    cdef BlockTask bt
     cdef int failed[1]
     failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
@@ -472,13 +474,12 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             if scratch == NULL or obuf == NULL or abuf == NULL:
                 failed[0] = 1  # reported after the parallel region
                 continue
-            n = task // nblocks
-            c = (task % nblocks) * LANES
-            nb = C - c if C - c < LANES else LANES
-            if img_start[n + 1] == img_start[n]:
+            bt = block_task(task, nblocks, C, &img_start[0], 0, order.shape[0])
+            n, c, nb = bt.n, bt.c, bt.nb
+            if bt.lo == bt.hi:
                 continue
             interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-            for j in range(img_start[n], img_start[n + 1]):
+            for j in range(bt.lo, bt.hi):
                 k = order[j]
                 wy = wt + j * row
                 wx = wy + 2 * PH
@@ -526,6 +527,7 @@ def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef floating* scratch
     cdef floating* gblock
     cdef int64_t* arg
+    cdef BlockTask bt
     cdef int failed[1]
     failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
@@ -536,14 +538,13 @@ def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
             if scratch == NULL or gblock == NULL or arg == NULL:
                 failed[0] = 1
                 continue
-            n = task // nblocks
-            c = (task % nblocks) * LANES
-            nb = C - c if C - c < LANES else LANES
-            if img_start[n + 1] == img_start[n]:
+            bt = block_task(task, nblocks, C, &img_start[0], 0, order.shape[0])
+            n, c, nb = bt.n, bt.c, bt.nb
+            if bt.lo == bt.hi:
                 continue
             interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
             memset(gblock, 0, H * W * LANES * sizeof(floating))
-            for j in range(img_start[n], img_start[n + 1]):
+            for j in range(bt.lo, bt.hi):
                 k = order[j]
                 wy = wt + j * row
                 wx = wy + 2 * PH
