@@ -365,7 +365,8 @@ _PEERS = ("onnxruntime", "torchvision")
 
 
 def _fmt_ms(cell):
-    return f"{cell['median_ms']:.2f}" if cell and "median_ms" in cell else "n/a"
+    # three significant digits: the small calls take microseconds
+    return f"{cell['median_ms']:.3g}" if cell and "median_ms" in cell else "n/a"
 
 
 def _fmt_ratio(row, name):

@@ -59,6 +59,19 @@ def _prepare(op, features, boxes, batch_indices, output_size, spatial_scale, sam
     return plan, features
 
 
+_cpu = None
+
+
+def _cpu_module():
+    """The CPU driver, imported on first use (importing roialign_cy builds nothing)."""
+    global _cpu
+    if _cpu is None:
+        from . import _cpu as module
+
+        _cpu = module
+    return _cpu
+
+
 def _fixed_params(op, mode, aligned, sampling_ratio):
     """(mode, aligned, sampling_ratio) of roi_pool / ps_roi_* whose convention fixes them; a value
     given to ``plan`` that contradicts the operator is refused rather than ignored."""
@@ -280,6 +293,14 @@ def roi_align(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     array (K, C, PH, PW), or (K, PH, PW, C) for NHWC, of the features' dtype. Samples outside
     [-1, H] x [-1, W] count as 0; an empty sampling grid gives 0.
     """
+    if (out is None and batch_indices is None and type(features) is np.ndarray
+            and type(boxes) is np.ndarray and (backend == "auto" or backend == "cpu")):
+        # the plain call with few boxes: one compiled pass, no Python-level steps
+        pooled = (_cpu or _cpu_module())._roi_align.forward_small(
+            features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
+            n_threads, max_samples_per_bin, allow_inverted)
+        if pooled is not None:
+            return pooled
     return _forward("roi_align", features, boxes, output_size, spatial_scale, sampling_ratio,
                     aligned, mode, layout, batch_indices, backend, n_threads, out,
                     max_samples_per_bin, allow_inverted=allow_inverted)

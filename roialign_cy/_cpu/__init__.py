@@ -11,11 +11,9 @@ Memory. Besides the output, a call holds
   image (at most ``SCRATCH_BYTES_PER_THREAD``; beyond that, or with fewer than LANES channels, the
   kernels read the planes directly instead).
 
-Fork. GNU OpenMP's thread pool does not survive ``fork()``: a parallel region in a forked child of
-a process that already ran one waits forever for the parent's threads. As PyTorch does, a forked
-child runs the kernels on one thread (``os.register_at_fork``); results do not depend on the
-thread count, so only the speed differs. Pools started with "spawn" or "forkserver" are not
-affected.
+Fork. GNU OpenMP's thread pool does not survive ``fork()``: a forked child runs the kernels on one
+thread (``_openmp.effective_n_threads``); results do not depend on the thread count, so only the
+speed differs.
 """
 import os
 import threading
@@ -23,7 +21,7 @@ import threading
 import numpy as np
 
 try:
-    from ._openmp import effective_n_threads as _openmp_threads, openmp_enabled
+    from ._openmp import effective_n_threads, openmp_enabled
     from ._variants import kernels as _kernels
 
     # the build for the best instruction set this CPU runs (or $ROIALIGN_CY_SIMD): _variants
@@ -48,40 +46,13 @@ TABLE_ENTRIES_PER_CHUNK = 1 << 22
 # the largest table one axis-aligned box, or one rotated bin, may need (about 5 GB): past it the
 # call could not run in any reasonable time either
 TABLE_ENTRIES_PER_BOX = 1 << 27
-# channels-last scratch of the NCHW block strategy, per thread
-SCRATCH_BYTES_PER_THREAD = 64 << 20
-
-# Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
-# elements x samples per bin) per thread use fewer threads. Results do not depend on the count.
-_MIN_WORK_PER_THREAD = 1 << 14
-_MIN_BOXES_PER_TABLE_THREAD = 64
-# The NCHW kernels copy blocks of planes to channels-last scratch when the boxes take at least this
-# many bilinear samples per feature pixel (the copy costs about one read of the map; measured on
-# the benchmark workloads, see benchmarks/).
-_INTERLEAVE_MIN_SAMPLES_PER_PIXEL = 1.0
-
-_forked_child = False
-
-
-def _after_fork_in_child():
-    global _forked_child
-    _forked_child = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def effective_n_threads(n_threads=None):
-    """Threads a kernel will use: ``n_threads`` if given, else OpenMP's default; 1 in a forked
-    child (see the module docstring) and in a build without OpenMP."""
-    return 1 if _forked_child else _openmp_threads(n_threads)
+# the cost model (thread counts, NCHW loop order) is stated once, in _roi_align.pyx
+SCRATCH_BYTES_PER_THREAD = _roi_align.SCRATCH_BYTES_PER_THREAD
+_INTERLEAVE_MIN_SAMPLES_PER_PIXEL = _roi_align.INTERLEAVE_MIN_SAMPLES_PER_PIXEL
 
 
 def _n_threads(p, n_outputs):
-    samples = p.sampling_ratio ** 2 if p.sampling_ratio > 0 else 4
-    wanted = effective_n_threads(p.n_threads)
-    return int(max(1, min(wanted, n_outputs * samples // _MIN_WORK_PER_THREAD)))
+    return _roi_align.work_threads(effective_n_threads(p.n_threads), n_outputs, p.sampling_ratio)
 
 
 def _shape(array, p):
@@ -166,17 +137,9 @@ def _chunks(sizes):
 
 
 def _use_blocks(samples, c, h, w, n, itemsize, tasks, n_threads, forward):
-    """The NCHW strategy for one map of n images: copy blocks of LANES planes to channels-last
-    scratch (vector code over channels), or read the planes directly. Blocks pay when the boxes
-    take at least about one sample per feature pixel (the copy is one read of the map), when a
-    block is full (C >= LANES), and when a block fits the scratch bound; the forward also needs
-    enough block ``tasks`` to keep the threads busy, since otherwise it splits the boxes."""
-    lanes = _roi_align.BLOCK_CHANNELS
-    if c < lanes or h * w * lanes * itemsize > SCRATCH_BYTES_PER_THREAD:
-        return False
-    if forward and tasks < n_threads:
-        return False
-    return samples >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w
+    """Whether the NCHW kernels copy blocks of planes to channels-last scratch (see
+    ``_roi_align.use_blocks``)."""
+    return _roi_align.use_blocks(samples, c, h, w, n, itemsize, tasks, n_threads, forward)
 
 
 class Run:
@@ -244,8 +207,7 @@ class Run:
     def _build(self, runs):
         p = self.p
         for j0, j1 in runs:
-            # a table row costs well under a microsecond: small runs are not worth a thread team
-            n_threads = max(1, min(self.n_threads, (j1 - j0) // _MIN_BOXES_PER_TABLE_THREAD))
+            n_threads = _roi_align.table_threads(self.n_threads, j1 - j0)
             if p.integer_bins:
                 _, _, h, w = self.shapes[0]
                 t = _roi_pool.windows(self.rois, self.order, h, w, p.pooled_h, p.pooled_w,

@@ -25,15 +25,34 @@ def openmp_enabled():
     return bool(ROIALIGN_HAVE_OPENMP)
 
 
+# GNU OpenMP's thread pool does not survive fork(): a parallel region in a forked child of a
+# process that already ran one waits forever for the parent's threads. As PyTorch does, a forked
+# child runs the kernels on one thread. Pools started with "spawn" or "forkserver" are not
+# affected.
+cdef bint _forked_child = False
+
+
+def _after_fork_in_child():
+    global _forked_child
+    _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+# more threads than this only costs thread creation (and can exhaust the process's limits);
+# os.cpu_count() takes microseconds, so it is asked once
+cdef int _max_threads = 4 * (os.cpu_count() or 1)
+
+
 def effective_n_threads(n_threads=None):
     """Threads a kernel will use: ``n_threads`` if given, else OpenMP's default (OMP_NUM_THREADS or
-    the number of cores); always 1 in a serial build."""
-    if not ROIALIGN_HAVE_OPENMP:
+    the number of cores); always 1 in a serial build and in a forked child (see above)."""
+    if not ROIALIGN_HAVE_OPENMP or _forked_child:
         return 1
     if n_threads is None:
         return max(1, omp_get_max_threads())
-    # more threads than this only costs thread creation (and can exhaust the process's limits)
-    return min(int(n_threads), 4 * (os.cpu_count() or 1))
+    return min(int(n_threads), _max_threads)
 
 
 cdef extern from *:

@@ -24,11 +24,13 @@ the run of image n of that level starts.
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint8_t
-from libc.stdlib cimport free, malloc
+from libc.math cimport floor, isfinite
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 import numpy as np
 
+from ._openmp import effective_n_threads
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
 from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
 from ._planes cimport Shape, out_index, plane_offset, shape_of
@@ -228,6 +230,58 @@ cdef void fill_box(floating lo_corner, floating hi_corner, double scale, bint al
     fill_axis(start, bin_size, pooled, g, size, lo, hi, w0, w1, slope, runs)
 
 
+cdef inline Py_ssize_t table_ints(Py_ssize_t ny, Py_ssize_t nx, Py_ssize_t n, Py_ssize_t PH,
+                                  Py_ssize_t PW) noexcept nogil:
+    """Integer entries of the tables of n boxes of ny row and nx column samples in all (one slack
+    element per table, so that &table[offset] is valid for boxes with no samples)."""
+    return 2 * (ny + 1) + 2 * (nx + 1) + 2 * PH * n + 2 * PW * n + 2
+
+
+cdef inline Py_ssize_t table_weights(Py_ssize_t ny, Py_ssize_t nx) noexcept nogil:
+    return 3 * (ny + 1) + 3 * (nx + 1)
+
+
+cdef void lay_out_tables(TableSet* t, Py_ssize_t* ints, char* weights, Py_ssize_t* yoff,
+                         Py_ssize_t* xoff, Py_ssize_t n, Py_ssize_t PH, Py_ssize_t PW,
+                         Py_ssize_t itemsize) noexcept nogil:
+    """Point ``t`` into two buffers of table_ints / table_weights entries, for boxes whose
+    samples start at yoff[q], xoff[q] (yoff[n], xoff[n]: the totals)."""
+    cdef Py_ssize_t ny = yoff[n], nx = xoff[n]
+    t.base.ylo = ints
+    t.base.yhi = ints + ny + 1
+    t.base.xlo = ints + 2 * (ny + 1)
+    t.base.xhi = t.base.xlo + nx + 1
+    t.base.yr = t.base.xhi + nx + 1
+    t.base.xr = t.base.yr + 2 * PH * n + 1
+    t.base.wy0 = weights
+    t.base.wy1 = weights + (ny + 1) * itemsize
+    t.base.sy = weights + 2 * (ny + 1) * itemsize
+    t.base.wx0 = weights + 3 * (ny + 1) * itemsize
+    t.base.wx1 = t.base.wx0 + (nx + 1) * itemsize
+    t.base.sx = t.base.wx0 + 2 * (nx + 1) * itemsize
+    t.yoff, t.xoff, t.PH, t.PW, t.itemsize = yoff, xoff, PH, PW, itemsize
+
+
+cdef void fill_tables(const floating* rois, const int64_t* order, Py_ssize_t j0, Py_ssize_t n,
+                      const int64_t* gh, const int64_t* gw, const int64_t* level,
+                      const int64_t* heights, const int64_t* widths, const double* scales,
+                      bint aligned, const TableSet* t, int n_threads) noexcept nogil:
+    """Fill the tables ``t`` of the boxes at sorted positions j0..j0+n (rois: (K, 4) rows), in
+    parallel."""
+    cdef Py_ssize_t j, k, l, PH = t.PH, PW = t.PW
+    cdef Axes A
+    for j in prange(n, schedule="static", num_threads=n_threads):
+        k = order[j0 + j]
+        l = level[k]
+        A = axes_at(t, j, gh[k], gw[k])
+        fill_box(rois[4 * k + 1], rois[4 * k + 3], scales[l], aligned, PH, gh[k], heights[l],
+                 <Py_ssize_t*>A.ylo, <Py_ssize_t*>A.yhi, <floating*>A.wy0, <floating*>A.wy1,
+                 <floating*>A.sy, <Py_ssize_t*>A.yr)
+        fill_box(rois[4 * k], rois[4 * k + 2], scales[l], aligned, PW, gw[k], widths[l],
+                 <Py_ssize_t*>A.xlo, <Py_ssize_t*>A.xhi, <floating*>A.wx0, <floating*>A.wx1,
+                 <floating*>A.sx, <Py_ssize_t*>A.xr)
+
+
 def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_t j0,
                 Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw,
                 const int64_t[::1] level, const int64_t[::1] heights, const int64_t[::1] widths,
@@ -236,7 +290,7 @@ def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_
     """Fill the per-axis tables of the boxes at sorted positions j0..j1 (in parallel); box k lies
     on level level[k], of heights[l] x widths[l] pixels at scale scales[l]. All tables live in
     two buffers (integers and weights): a small call pays for two allocations, not fourteen."""
-    cdef Py_ssize_t n = j1 - j0, j, k, l, ny = 0, nx = 0, PH = pooled_h, PW = pooled_w
+    cdef Py_ssize_t n = j1 - j0, j, ny = 0, nx = 0, PH = pooled_h, PW = pooled_w
     offsets = np.empty(2 * (n + 1), np.intp)
     cdef Py_ssize_t[::1] off = offsets
     cdef Py_ssize_t* yoff = &off[0]
@@ -246,38 +300,16 @@ def make_tables(const floating[:, ::1] rois, const int64_t[::1] order, Py_ssize_
         ny += gh[order[j0 + j]] * PH
         nx += gw[order[j0 + j]] * PW
     yoff[n], xoff[n] = ny, nx
-    # one slack element per table so that &table[offset] is valid for boxes with no samples
-    ints = np.zeros(2 * (ny + 1) + 2 * (nx + 1) + 2 * PH * n + 2 * PW * n + 2, np.intp)
-    weights = np.zeros(3 * (ny + 1) + 3 * (nx + 1), np.float32 if floating is float else np.float64)
+    ints = np.zeros(table_ints(ny, nx, n, PH, PW), np.intp)
+    weights = np.zeros(table_weights(ny, nx), np.float32 if floating is float else np.float64)
     cdef Py_ssize_t[::1] iv = ints
     cdef floating[::1] fv = weights
-    cdef Py_ssize_t* ylo = &iv[0]
-    cdef Py_ssize_t* yhi = ylo + ny + 1
-    cdef Py_ssize_t* xlo = yhi + ny + 1
-    cdef Py_ssize_t* xhi = xlo + nx + 1
-    cdef Py_ssize_t* yr = xhi + nx + 1
-    cdef Py_ssize_t* xr = yr + 2 * PH * n + 1
-    cdef floating* wy0 = &fv[0]
-    cdef floating* wy1 = wy0 + ny + 1
-    cdef floating* sy = wy1 + ny + 1
-    cdef floating* wx0 = sy + ny + 1
-    cdef floating* wx1 = wx0 + nx + 1
-    cdef floating* sx = wx1 + nx + 1
-    for j in prange(n, nogil=True, schedule="static", num_threads=n_threads):
-        k = order[j0 + j]
-        l = level[k]
-        fill_box(rois[k, 1], rois[k, 3], scales[l], aligned, PH, gh[k], heights[l], ylo + yoff[j],
-                 yhi + yoff[j], wy0 + yoff[j], wy1 + yoff[j], sy + yoff[j], yr + 2 * PH * j)
-        fill_box(rois[k, 0], rois[k, 2], scales[l], aligned, PW, gw[k], widths[l], xlo + xoff[j],
-                 xhi + xoff[j], wx0 + xoff[j], wx1 + xoff[j], sx + xoff[j], xr + 2 * PW * j)
     t = _Tables()
     t.arrays = (ints, weights, offsets)
-    t.ts.base.ylo, t.ts.base.yhi, t.ts.base.yr = ylo, yhi, yr
-    t.ts.base.xlo, t.ts.base.xhi, t.ts.base.xr = xlo, xhi, xr
-    t.ts.base.wy0, t.ts.base.wy1, t.ts.base.sy = <char*>wy0, <char*>wy1, <char*>sy
-    t.ts.base.wx0, t.ts.base.wx1, t.ts.base.sx = <char*>wx0, <char*>wx1, <char*>sx
-    t.ts.yoff, t.ts.xoff = yoff, xoff
-    t.ts.PH, t.ts.PW, t.ts.itemsize = PH, PW, sizeof(floating)
+    lay_out_tables(&t.ts, &iv[0], <char*>&fv[0], yoff, xoff, n, PH, PW, sizeof(floating))
+    with nogil:
+        fill_tables(&rois[0, 0], &order[0], j0, n, &gh[0], &gw[0], &level[0], &heights[0],
+                    &widths[0], &scales[0], aligned, &t.ts, n_threads)
     return t
 
 
@@ -449,33 +481,61 @@ cdef inline void pool_box_planes(const floating* plane, Py_ssize_t plane_stride,
             pool_plane(plane + cc * plane_stride, W, o + cc * PH * PW, PH, PW, A, mode)
 
 
+cdef struct BoxRun:
+    # The boxes of a call sorted by (level, image): positions j0..j1 of ``order`` run. Box k lies
+    # on level level[k], image batch_idx[k], and takes gh[k] x gw[k] samples per bin;
+    # key_start[l * N + n] is where the run of image n of level l starts.
+    const int64_t* level
+    const int64_t* batch_idx
+    const int64_t* order
+    const int64_t* key_start
+    const int64_t* gh
+    const int64_t* gw
+    Py_ssize_t j0, j1
+
+
 def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
             const int64_t[::1] order, const int64_t[::1] key_start, Py_ssize_t j0, Py_ssize_t j1,
             const int64_t[::1] gh, const int64_t[::1] gw, _Tables t, floating[:, :, :, ::1] out,
             int mode, bint channels_last, const uint8_t[::1] blocks, int n_threads):
-    """Pool the boxes at sorted positions j0..j1 (tables ``t``) into ``out``. NCHW levels with
-    ``blocks[l]`` pool from channels-last copies of blocks of planes (worth it when the boxes take
-    several samples per feature pixel); when no level does, the boxes are split over the
-    threads."""
-    cdef Py_ssize_t L = len(maps), N, C, H, W, PH, PW, n, c, j, k, lo, hi
-    cdef Py_ssize_t task, l, nb, cc, i, nblocks, scratch_px = 0
-    cdef floating* O = &out[0, 0, 0, 0]
-    cdef const TableSet* T = &t.ts
+    """Pool the boxes at sorted positions j0..j1 (tables ``t``) into ``out`` (see pool_boxes)."""
+    cdef BoxRun R
+    R.level, R.batch_idx, R.order, R.key_start = &level[0], &batch_idx[0], &order[0], &key_start[0]
+    R.gh, R.gw, R.j0, R.j1 = &gh[0], &gw[0], j0, j1
+    keep = collect_maps(maps, None, channels_last, <floating*>NULL)
+    cdef Py_ssize_t N = (<object>maps[0]).shape[0]
+    cdef Py_ssize_t C = out.shape[3] if channels_last else out.shape[1]
+    cdef Py_ssize_t PH = out.shape[1] if channels_last else out.shape[2]
+    cdef Py_ssize_t PW = out.shape[2] if channels_last else out.shape[3]
+    cdef Py_ssize_t failed, L = len(maps)
+    cdef const Map* M = maps_of(keep)
+    with nogil:
+        failed = pool_boxes(M, L, N, C, PH, PW, &R, &t.ts, &out[0, 0, 0, 0], mode, channels_last,
+                            &blocks[0], n_threads)
+    if failed:
+        raise MemoryError(f"cannot allocate {failed} bytes of per-thread scratch")
+
+
+cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t C, Py_ssize_t PH,
+                           Py_ssize_t PW, const BoxRun* R, const TableSet* T, floating* O,
+                           int mode, bint channels_last, const uint8_t* blocks,
+                           int n_threads) noexcept nogil:
+    """Pool the boxes of ``R`` into ``O``. NCHW levels with ``blocks[l]`` pool from channels-last
+    copies of blocks of planes (worth it when the boxes take several samples per feature pixel);
+    when no level does, the boxes are split over the threads. Returns 0, or the bytes of
+    per-thread scratch that could not be allocated."""
+    cdef Py_ssize_t H, W, n, c, j, k, lo, hi, task, l, nb, cc, i, nblocks, scratch_px = 0
+    cdef Py_ssize_t j0 = R.j0, j1 = R.j1
     cdef Axes A
     cdef const floating* X
-    keep = collect_maps(maps, None, channels_last, <floating*>NULL)
-    cdef const Map* M = maps_of(keep)
-    N = (<object>maps[0]).shape[0]
     if channels_last:
-        C, PH, PW = out.shape[3], out.shape[1], out.shape[2]
-        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
-            k = order[j]
-            l = level[k]
-            A = axes_at(T, j - j0, gh[k], gw[k])
-            pool_box_nhwc(<const floating*>M[l].x + batch_idx[k] * M[l].H * M[l].W * C, M[l].W,
+        for j in prange(j0, j1, schedule="dynamic", num_threads=n_threads):
+            k = R.order[j]
+            l = R.level[k]
+            A = axes_at(T, j - j0, R.gh[k], R.gw[k])
+            pool_box_nhwc(<const floating*>M[l].x + R.batch_idx[k] * M[l].H * M[l].W * C, M[l].W,
                           C, O + k * PH * PW * C, PH, PW, &A, mode)
-        return
-    C, PH, PW = out.shape[1], out.shape[2], out.shape[3]
+        return 0
     for l in range(L):
         if blocks[l] and M[l].H * M[l].W > scratch_px:
             scratch_px = M[l].H * M[l].W
@@ -487,38 +547,37 @@ def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
         # no level pays for the channels-last copy: split (box, PLANE_BLOCK planes) pairs over
         # the threads, so that even one box on many channels keeps them all busy
         nblocks = (C + PLANE_BLOCK - 1) // PLANE_BLOCK
-        for task in prange((j1 - j0) * nblocks, nogil=True, schedule="dynamic",
-                           num_threads=n_threads):
+        for task in prange((j1 - j0) * nblocks, schedule="dynamic", num_threads=n_threads):
             j = j0 + task // nblocks
             c = (task % nblocks) * PLANE_BLOCK
-            k = order[j]
-            l = level[k]
-            A = axes_at(T, j - j0, gh[k], gw[k])
-            pool_box_planes(<const floating*>M[l].x + (batch_idx[k] * C + c) * M[l].H * M[l].W,
+            k = R.order[j]
+            l = R.level[k]
+            A = axes_at(T, j - j0, R.gh[k], R.gw[k])
+            pool_box_planes(<const floating*>M[l].x + (R.batch_idx[k] * C + c) * M[l].H * M[l].W,
                             M[l].H * M[l].W, C - c if C - c < PLANE_BLOCK else PLANE_BLOCK,
                             M[l].W, O + (k * C + c) * PH * PW, PH, PW, &A, mode)
-        return
+        return 0
     # one task per (level, image, block of LANES channels): levels with blocks interleave the
     # block into a channels-last scratch once and pool all its boxes from it with vector code;
     # the others pool straight from the planes
     nblocks = (C + LANES - 1) // LANES
     alloc_failed[0] = 0
-    with nogil, parallel(num_threads=n_threads):
+    with parallel(num_threads=n_threads):
         scratch = <floating*>malloc(scratch_px * LANES * sizeof(floating))
         obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
         for task in prange(L * N * nblocks, schedule="dynamic"):
             if scratch == NULL or obuf == NULL:
                 alloc_failed[0] = 1  # reported after the parallel region
                 continue
-            bt = block_task(task, nblocks, C, &key_start[0], j0, j1)
+            bt = block_task(task, nblocks, C, R.key_start, j0, j1)
             l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
             H, W = M[l].H, M[l].W
             X = <const floating*>M[l].x + (n * C + c) * H * W
             if lo < hi and blocks[l]:
                 interleave_planes(X, H * W, nb, scratch)
             for j in range(lo, hi):
-                k = order[j]
-                A = axes_at(T, j - j0, gh[k], gw[k])
+                k = R.order[j]
+                A = axes_at(T, j - j0, R.gh[k], R.gw[k])
                 if blocks[l]:
                     pool_box_nhwc(scratch, W, LANES, obuf, PH, PW, &A, mode)
                     deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
@@ -531,8 +590,8 @@ def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
         free(scratch)
         free(obuf)
     if alloc_failed[0]:
-        raise MemoryError(f"cannot allocate {scratch_px * LANES * sizeof(floating)} bytes "
-                          "of per-thread scratch")
+        return scratch_px * LANES * sizeof(floating)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1017,3 +1076,258 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
             for pw in range(PW):
                 ps_scatter(GX + plane_offset(&s, n, (co * PH + ph) * PW + pw), cs, s.W, &A, ph, pw,
                            G[out_index(&s, k, co, ph, pw)])
+
+
+# ---------------------------------------------------------------------------------------------
+# the cost model: threads and NCHW loop order (its one statement: the Python driver and the
+# one-pass call below both ask these)
+
+cdef enum:
+    # Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
+    # elements x samples per bin) per thread use fewer threads. Results do not depend on the count.
+    MIN_WORK_PER_THREAD = 1 << 14
+    # a table row costs well under a microsecond: fewer boxes per thread are not worth a team
+    MIN_BOXES_PER_TABLE_THREAD = 64
+    # channels-last scratch of the NCHW block strategy, per thread
+    SCRATCH_BYTES = 64 << 20
+
+# The NCHW kernels copy blocks of planes to channels-last scratch when the boxes take at least
+# this many bilinear samples per feature pixel (the copy costs about one read of the map;
+# measured on the benchmark workloads, see benchmarks/README.md).
+INTERLEAVE_MIN_SAMPLES_PER_PIXEL = 1.0
+cdef double _interleave_min = INTERLEAVE_MIN_SAMPLES_PER_PIXEL
+SCRATCH_BYTES_PER_THREAD = SCRATCH_BYTES
+
+
+cpdef int work_threads(int wanted, Py_ssize_t n_outputs, Py_ssize_t sampling_ratio) noexcept nogil:
+    """Threads for a call of ``n_outputs`` output elements: at most ``wanted``, and one per
+    MIN_WORK_PER_THREAD samples (adaptive grids counted as 2 x 2)."""
+    cdef double samples = <double>sampling_ratio * sampling_ratio if sampling_ratio > 0 else 4
+    cdef double fit = <double>n_outputs * samples / MIN_WORK_PER_THREAD
+    if fit < 1:
+        return 1
+    return wanted if fit >= wanted else <int>fit
+
+
+cpdef int table_threads(int n_threads, Py_ssize_t n_boxes) noexcept nogil:
+    """Threads that fill the sampling tables of ``n_boxes`` boxes."""
+    cdef Py_ssize_t fit = n_boxes // MIN_BOXES_PER_TABLE_THREAD
+    return 1 if fit < 1 else (n_threads if fit >= n_threads else <int>fit)
+
+
+cpdef bint use_blocks(double samples, Py_ssize_t c, Py_ssize_t h, Py_ssize_t w, Py_ssize_t n,
+                      Py_ssize_t itemsize, Py_ssize_t tasks, int n_threads,
+                      bint forward) noexcept nogil:
+    """The NCHW strategy for one map of n images: copy blocks of LANES planes to channels-last
+    scratch (vector code over channels), or read the planes directly. Blocks pay when the boxes
+    take at least about one sample per feature pixel (the copy is one read of the map), when a
+    block is full (C >= LANES), and when a block fits the scratch bound; the forward also needs
+    enough block ``tasks`` to keep the threads busy, since otherwise it splits the boxes."""
+    if c < LANES or <double>h * w * LANES * itemsize > SCRATCH_BYTES:
+        return False
+    if forward and tasks < n_threads:
+        return False
+    return samples >= _interleave_min * n * h * w
+
+
+# ---------------------------------------------------------------------------------------------
+# one-shot forward of a few boxes: arguments checked, boxes planned and pooled in one compiled
+# pass, with no Python-level step (the per-call cost of the general path is tens of
+# microseconds of small numpy operations, more than the kernels of a small call)
+
+cdef enum:
+    # the one-pass call takes at most this many boxes, images and table entries (past them the
+    # general path's fixed cost is small against the kernels')
+    SMALL_BOXES = 1024
+    SMALL_IMAGES = 4096
+    SMALL_TABLE_ENTRIES = 1 << 20
+    # and grids of at most this many samples per bin (sums of them stay exact in int64)
+    SMALL_SAMPLES = 1 << 30
+
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F64 = np.dtype(np.float64)
+cdef object _INT_MAX = 2**31 - 1
+
+
+def forward_small(features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
+                  layout, n_threads, max_samples_per_bin, allow_inverted):
+    """``roi_align(features, boxes, ...)`` for the plain call, or None for any other.
+
+    The plain call: C-contiguous numpy features of a native float dtype, (K, 5) boxes of the same
+    dtype (any strides), no batch_indices or out, every scalar of its plain Python type and valid,
+    every box valid, and at most SMALL_BOXES boxes. Anything else, valid or not, returns None:
+    the general path then checks it, with its messages, and runs it. The result is the general
+    path's, bit for bit: the same grid rule, tables, cost model and kernels."""
+    cdef Py_ssize_t ph, pw, sr
+    cdef double scale, limit
+    cdef const float[:, :, :, ::1] xf
+    cdef const float[:, :] bf
+    cdef const double[:, :, :, ::1] xd
+    cdef const double[:, :] bd
+    # the scalars: their plain types and ranges only (anything else: the general path)
+    if type(output_size) is int:
+        o0 = o1 = output_size
+    elif type(output_size) is tuple and len(<tuple>output_size) == 2:
+        o0, o1 = output_size
+    else:
+        return None
+    if type(o0) is not int or type(o1) is not int or not (1 <= o0 <= _INT_MAX and 1 <= o1 <= _INT_MAX):
+        return None
+    ph, pw = o0, o1
+    if type(spatial_scale) is float:
+        scale = spatial_scale
+    elif type(spatial_scale) is int and 0 < spatial_scale < _INT_MAX:
+        scale = <double>spatial_scale
+    else:
+        return None
+    if not (isfinite(scale) and scale > 0):
+        return None
+    if type(sampling_ratio) is not int or not (-1 <= sampling_ratio <= SMALL_SAMPLES):
+        return None
+    sr = sampling_ratio
+    if type(max_samples_per_bin) is not int or not (1 <= max_samples_per_bin <= SMALL_SAMPLES):
+        return None
+    limit = <double>(<Py_ssize_t>max_samples_per_bin)
+    if not (aligned is True or aligned is False) or not (allow_inverted is True or allow_inverted is False):
+        return None
+    if type(mode) is not str or type(layout) is not str:
+        return None
+    code = MODES.get(mode)
+    if code is None or (layout != "NCHW" and layout != "NHWC"):
+        return None
+    cdef int mode_code = code
+    cdef bint channels_last = layout == "NHWC"
+    cdef bint check_order = allow_inverted is False, is_aligned = aligned is True
+    if n_threads is not None and (type(n_threads) is not int or not 1 <= n_threads <= _INT_MAX):
+        return None
+    cdef int wanted_threads = effective_n_threads(n_threads)
+    dtype = features.dtype
+    if boxes.dtype is not dtype or (dtype is not _F32 and dtype is not _F64):
+        return None
+    try:  # C-contiguous rank-4 features, rank-2 boxes (what the memoryviews accept)
+        if dtype is _F32:
+            xf, bf = features, boxes
+        else:
+            xd, bd = features, boxes
+    except (ValueError, BufferError):
+        return None
+    if dtype is _F32:
+        return small_forward(xf, bf, ph, pw, scale, sr, is_aligned, mode_code, channels_last,
+                             wanted_threads, limit, check_order)
+    return small_forward(xd, bd, ph, pw, scale, sr, is_aligned, mode_code, channels_last,
+                         wanted_threads, limit, check_order)
+
+
+cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
+                          Py_ssize_t PW, double scale, Py_ssize_t sr, bint aligned, int mode,
+                          bint channels_last, int wanted, double limit, bint check_order):
+    cdef Py_ssize_t K = b.shape[0], N = x.shape[0], k, n, s
+    cdef Py_ssize_t C = x.shape[3] if channels_last else x.shape[1]
+    cdef Py_ssize_t H = x.shape[1] if channels_last else x.shape[2]
+    cdef Py_ssize_t W = x.shape[2] if channels_last else x.shape[3]
+    if b.shape[1] != 5 or not (0 < K <= SMALL_BOXES) or not (0 < N <= SMALL_IMAGES):
+        return None
+    if C == 0 or H == 0 or W == 0 or <double>K * C * PH * PW > <double>SMALL_TABLE_ENTRIES * SMALL_TABLE_ENTRIES:
+        return None  # (an output that large is the general path's MemoryError)
+    # per-box arrays in one block: batch, gh, gw, level (0), order, key_start (N + 1), offsets
+    # (2 (K + 1)), then the (K, 4) coordinates
+    cdef int64_t* block = <int64_t*>calloc(7 * K + N + 3 + 4 * K, 8)
+    if block == NULL:
+        raise MemoryError("cannot allocate the tables of a small call")
+    cdef int64_t* batch = block
+    cdef int64_t* gh = block + K
+    cdef int64_t* gw = block + 2 * K
+    cdef int64_t* level = block + 3 * K
+    cdef int64_t* order = block + 4 * K
+    cdef int64_t* key_start = block + 5 * K
+    cdef Py_ssize_t* yoff = <Py_ssize_t*>(key_start + N + 1)
+    cdef Py_ssize_t* xoff = yoff + K + 1
+    cdef floating* rois = <floating*>(xoff + K + 1)
+    cdef Py_ssize_t* ints = NULL
+    cdef char* weights = NULL
+    cdef int64_t ny = 0, nx = 0, grid_samples = 0
+    cdef floating start, bin_size, size
+    cdef bint clamped, ok = True
+    cdef double bi
+    with nogil:
+        for k in range(K):
+            for s in range(5):
+                if not isfinite(b[k, s]):
+                    ok = False
+            bi = b[k, 0]
+            if not ok or bi != floor(bi) or bi < 0 or bi >= N:
+                ok = False
+                break
+            if check_order and (b[k, 3] < b[k, 1] or b[k, 4] < b[k, 2]):
+                ok = False
+                break
+            batch[k] = <int64_t>bi
+            for s in range(4):
+                rois[4 * k + s] = b[k, s + 1]
+            size = roi_axis(b[k, 2], b[k, 4], scale, aligned, PH, &start, &bin_size, &clamped)
+            gh[k] = grid_size(sr, size, PH)
+            size = roi_axis(b[k, 1], b[k, 3], scale, aligned, PW, &start, &bin_size, &clamped)
+            gw[k] = grid_size(sr, size, PW)
+            if <double>gh[k] * gw[k] > limit or gh[k] > limit or gw[k] > limit:
+                ok = False  # the general path's bound check says which box and why
+                break
+            if <double>ny + <double>gh[k] * PH + <double>nx + <double>gw[k] * PW > SMALL_TABLE_ENTRIES:
+                ok = False
+                break
+            ny += gh[k] * PH
+            nx += gw[k] * PW
+            grid_samples += gh[k] * gw[k]
+        if ok:
+            # boxes by image, stably (a counting sort), as the general path orders them
+            for k in range(K):
+                key_start[batch[k] + 1] += 1
+            for n in range(N):
+                key_start[n + 1] += key_start[n]
+            for k in range(K):  # key_start[n] runs ahead while placing, then is restored
+                order[key_start[batch[k]]] = k
+                key_start[batch[k]] += 1
+            for n in range(N, 0, -1):
+                key_start[n] = key_start[n - 1]
+            key_start[0] = 0
+            for k in range(K):
+                yoff[k + 1] = yoff[k] + gh[order[k]] * PH
+                xoff[k + 1] = xoff[k] + gw[order[k]] * PW
+            ints = <Py_ssize_t*>calloc(table_ints(ny, nx, K, PH, PW), sizeof(Py_ssize_t))
+            weights = <char*>calloc(table_weights(ny, nx), sizeof(floating))
+    if not ok:
+        free(block)
+        return None
+    if ints == NULL or weights == NULL:
+        free(block)
+        free(ints)
+        free(weights)
+        raise MemoryError("cannot allocate the tables of a small call")
+    cdef int n_threads = work_threads(wanted, K * C * PH * PW, sr)
+    cdef uint8_t blocks = not channels_last and use_blocks(
+        <double>grid_samples * PH * PW, C, H, W, N, sizeof(floating),
+        N * ((C + LANES - 1) // LANES), n_threads, True)
+    out = np.empty((K, PH, PW, C) if channels_last else (K, C, PH, PW),
+                   np.float32 if floating is float else np.float64)
+    cdef floating[:, :, :, ::1] o = out
+    cdef TableSet T
+    cdef Map M
+    cdef BoxRun R
+    cdef double scales[1]
+    cdef int64_t extent[2]
+    cdef Py_ssize_t failed
+    M.x, M.g, M.H, M.W = <const char*>&x[0, 0, 0, 0], NULL, H, W
+    R.level, R.batch_idx, R.order, R.key_start = level, batch, order, key_start
+    R.gh, R.gw, R.j0, R.j1 = gh, gw, 0, K
+    scales[0], extent[0], extent[1] = scale, H, W
+    with nogil:
+        lay_out_tables(&T, ints, weights, yoff, xoff, K, PH, PW, sizeof(floating))
+        fill_tables(rois, order, 0, K, gh, gw, level, &extent[0], &extent[1], scales, aligned,
+                    &T, table_threads(n_threads, K))
+        failed = pool_boxes(&M, 1, N, C, PH, PW, &R, &T, &o[0, 0, 0, 0], mode, channels_last,
+                            &blocks, n_threads)
+    free(block)
+    free(ints)
+    free(weights)
+    if failed:
+        raise MemoryError(f"cannot allocate {failed} bytes of per-thread scratch")
+    return out
