@@ -189,9 +189,9 @@ def grid_sizes(const floating[:, ::1] rois, const int64_t[::1] level, const doub
     """Samples per bin (gh, gw) of every box (box k at scale scales[level[k]]), as int64 arrays
     (saturated at GRID_SATURATE)."""
     cdef Py_ssize_t K = rois.shape[0], k
-    cdef floating start, bin_size, size
+    cdef floating start = 0, bin_size = 0, size
     cdef double scale
-    cdef bint clamped
+    cdef bint clamped = False
     gh_arr = np.empty(K, dtype=np.int64)
     gw_arr = np.empty(K, dtype=np.int64)
     cdef int64_t[::1] gh = gh_arr, gw = gw_arr
@@ -224,8 +224,8 @@ cdef void fill_box(floating lo_corner, floating hi_corner, double scale, bint al
                    Py_ssize_t* hi, floating* w0, floating* w1, floating* slope,
                    Py_ssize_t* runs) noexcept nogil:
     # a function of its own so that start and bin_size are private to each OpenMP thread
-    cdef floating start, bin_size
-    cdef bint clamped
+    cdef floating start = 0, bin_size = 0
+    cdef bint clamped = False
     roi_axis(lo_corner, hi_corner, scale, aligned, pooled, &start, &bin_size, &clamped)
     fill_axis(start, bin_size, pooled, g, size, lo, hi, w0, w1, slope, runs)
 
@@ -750,7 +750,7 @@ cdef void box_grad_channel(const floating* plane, Py_ssize_t cs, Py_ssize_t W, c
     horizontally adjacent pixels; ``gs``: between consecutive bins of g."""
     cdef Py_ssize_t ph, pw, iy, ix, a, b, arg, iy0, iy1, ix0, ix1, gh = A.gh, gw = A.gw
     cdef double gv, v00, v01, v10, v11, dy, dx, inv_count
-    cdef floating best
+    cdef floating best = 0
     cdef const floating* wy0 = <const floating*>A.wy0
     cdef const floating* wy1 = <const floating*>A.wy1
     cdef const floating* wx0 = <const floating*>A.wx0
@@ -850,8 +850,8 @@ cdef void finish_box_grad(const floating[:, ::1] rois, floating[:, ::1] grad_roi
     section 5). A sample at start + t * roi_size moves by scale * (1 - t) with the low corner and
     scale * t with the high one, unless the roi size was clamped to 1 (then only the low corner
     moves it)."""
-    cdef floating start, bin_size
-    cdef bint clamped_y, clamped_x
+    cdef floating start = 0, bin_size = 0
+    cdef bint clamped_y = False, clamped_x = False
     roi_axis(rois[k, 1], rois[k, 3], scale, aligned, PH, &start, &bin_size, &clamped_y)
     roi_axis(rois[k, 0], rois[k, 2], scale, aligned, PW, &start, &bin_size, &clamped_x)
     if clamped_x:
@@ -1160,10 +1160,11 @@ def forward_small(features, boxes, output_size, spatial_scale, sampling_ratio, a
     path's, bit for bit: the same grid rule, tables, cost model and kernels."""
     cdef Py_ssize_t ph, pw, sr
     cdef double scale, limit
-    cdef const float[:, :, :, ::1] xf
-    cdef const float[:, :] bf
-    cdef const double[:, :, :, ::1] xd
-    cdef const double[:, :] bd
+    # only the dtype's pair is assigned; None so that Cython's flow analysis sees both assigned
+    cdef const float[:, :, :, ::1] xf = None
+    cdef const float[:, :] bf = None
+    cdef const double[:, :, :, ::1] xd = None
+    cdef const double[:, :] bd = None
     # the scalars: their plain types and ranges only (anything else: the general path)
     if type(output_size) is int:
         o0 = o1 = output_size
@@ -1246,8 +1247,8 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef Py_ssize_t* ints = NULL
     cdef char* weights = NULL
     cdef int64_t ny = 0, nx = 0, grid_samples = 0
-    cdef floating start, bin_size, size
-    cdef bint clamped, ok = True
+    cdef floating start = 0, bin_size = 0, size
+    cdef bint clamped = False, ok = True
     cdef double bi
     with nogil:
         for k in range(K):

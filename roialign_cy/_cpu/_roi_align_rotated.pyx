@@ -97,8 +97,9 @@ cdef void fill_samples(const floating* roi, double scale, bint aligned, bint clo
     take slots t = (b - bin0) * gh * gw + s, s < nv[b - bin0], with the pixel indices y * W + x
     of their 4 taps in idx[4t..4t+3] and their weights in w[4t..4t+3]."""
     cdef Frame f = box_frame(roi, scale, aligned, clockwise)
-    cdef Py_ssize_t b, ph, pw, iy, ix, t, y0, y1, x0, x1
-    cdef floating y, x, yy, xx, a0, a1, b0, b1, sy, sx
+    # out-parameters of sample_point and bilinear_axis, zeroed for Cython's flow analysis
+    cdef Py_ssize_t b, ph, pw, iy, ix, t, y0 = 0, y1 = 0, x0 = 0, x1 = 0
+    cdef floating y = 0, x = 0, yy = 0, xx = 0, a0 = 0, a1 = 0, b0 = 0, b1 = 0, sy = 0, sx = 0
     for b in range(bin0, bin1):
         ph, pw = b // PW, b % PW
         t = (b - bin0) * gh * gw
@@ -407,9 +408,10 @@ cdef void box_grad(const floating* roi, double* acc, const floating* image, Py_s
     y = yy cos - xx sin + cy, x = yy sin + xx cos + cx, with yy = roi_h * (t_y - 1/2) and
     xx = roi_w * (t_x - 1/2)."""
     cdef Frame f = box_frame(roi, scale, aligned, clockwise)
-    cdef Py_ssize_t ph, pw, iy, ix, y0, y1, x0, x1, count = gh * gw
-    cdef floating y, x, yy, xx, a0, a1, b0, b1, sy, sx
-    cdef double dvy, dvx, ty, tx, inv_count
+    # out-parameters (sample_point, bilinear_axis, *_sums), zeroed for Cython's flow analysis
+    cdef Py_ssize_t ph, pw, iy, ix, y0 = 0, y1 = 0, x0 = 0, x1 = 0, count = gh * gw
+    cdef floating y = 0, x = 0, yy = 0, xx = 0, a0 = 0, a1 = 0, b0 = 0, b1 = 0, sy = 0, sx = 0
+    cdef double dvy = 0, dvx = 0, ty, tx, inv_count
     cdef double acc_cx = 0, acc_cy = 0, acc_w = 0, acc_h = 0, acc_t = 0
     cdef double dtheta = (M_PI / 180.0) * (-1.0 if clockwise else 1.0)
     if count == 0:
@@ -459,7 +461,7 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     channels-last scratch (``interleave``) or straight from the planes, each writing its own
     partial sums per box, then added up per box in block order. Either way the result does not
     depend on the thread count."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, K = rois.shape[0], n, c, nb, cc, i, task, blocks, lo, hi
+    cdef Py_ssize_t N, C, H, W, PH, PW, j, k, K = rois.shape[0], n, c, nb, task, blocks, lo, hi
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef floating* scratch

@@ -221,7 +221,7 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef Py_ssize_t cs = s.C if channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
-    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, ph, pw, ci
+    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, pw, ci
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
     cdef const int64_t* wt = &win[0, 0]
@@ -281,7 +281,7 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
-    cdef Py_ssize_t task, n, g, j, off, ph, pw, ci
+    cdef Py_ssize_t task, n, g, j, off, pw, ci
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
