@@ -18,6 +18,29 @@ cdef extern from *:
     #endif
     #define ROIALIGN_LANES 16
 
+    /* element by element: what the tiles leave (and everything where there are none) */
+    #define ROIALIGN_TRANSPOSE_REST(T)                                                           \
+    static inline void roialign_interleave_rest_##T(const T* planes, Py_ssize_t plane_size,     \
+                                                    Py_ssize_t n_planes, T* block, Py_ssize_t i, \
+                                                    Py_ssize_t i1) {                             \
+        for (; i < i1; i++)                                                                      \
+            for (Py_ssize_t c = 0; c < ROIALIGN_LANES; c++)                                      \
+                block[i * ROIALIGN_LANES + c] = c < n_planes ? planes[c * plane_size + i] : (T)0; \
+    }                                                                                            \
+    static inline void roialign_deinterleave_rest_##T(const T* block, Py_ssize_t i, Py_ssize_t n, \
+                                                      Py_ssize_t n_planes, T* planes,            \
+                                                      Py_ssize_t plane_stride, int add) {        \
+        for (; i < n; i++)                                                                       \
+            for (Py_ssize_t c = 0; c < n_planes; c++) {                                          \
+                if (add)                                                                         \
+                    planes[c * plane_stride + i] += block[i * ROIALIGN_LANES + c];               \
+                else                                                                             \
+                    planes[c * plane_stride + i] = block[i * ROIALIGN_LANES + c];                \
+            }                                                                                    \
+    }
+    ROIALIGN_TRANSPOSE_REST(float)
+    ROIALIGN_TRANSPOSE_REST(double)
+
     /* block[i * LANES + c] = planes[c * plane_size + i] for i0 <= i < i1; lanes past n_planes 0 */
     static inline void roialign_interleave_f32(const float* planes, Py_ssize_t plane_size,
                                                Py_ssize_t n_planes, float* block, Py_ssize_t i0,
@@ -38,9 +61,7 @@ cdef extern from *:
             }
         }
     #endif
-        for (; i < i1; i++)
-            for (c = 0; c < ROIALIGN_LANES; c++)
-                block[i * ROIALIGN_LANES + c] = c < n_planes ? planes[c * plane_size + i] : 0.0f;
+        roialign_interleave_rest_float(planes, plane_size, n_planes, block, i, i1);
     }
 
     static inline void roialign_interleave_f64(const double* planes, Py_ssize_t plane_size,
@@ -57,9 +78,7 @@ cdef extern from *:
             }
         }
     #endif
-        for (; i < i1; i++)
-            for (c = 0; c < ROIALIGN_LANES; c++)
-                block[i * ROIALIGN_LANES + c] = c < n_planes ? planes[c * plane_size + i] : 0.0;
+        roialign_interleave_rest_double(planes, plane_size, n_planes, block, i, i1);
     }
 
     /* planes[c * plane_stride + i] = block[i * LANES + c] (add: +=) for i < n, c < n_planes */
@@ -83,13 +102,7 @@ cdef extern from *:
             }
         }
     #endif
-        for (; i < n; i++)
-            for (c = 0; c < n_planes; c++) {
-                if (add)
-                    planes[c * plane_stride + i] += block[i * ROIALIGN_LANES + c];
-                else
-                    planes[c * plane_stride + i] = block[i * ROIALIGN_LANES + c];
-            }
+        roialign_deinterleave_rest_float(block, i, n, n_planes, planes, plane_stride, add);
     }
 
     static inline void roialign_deinterleave_f64(const double* block, Py_ssize_t n,
@@ -111,13 +124,7 @@ cdef extern from *:
             }
         }
     #endif
-        for (; i < n; i++)
-            for (c = 0; c < n_planes; c++) {
-                if (add)
-                    planes[c * plane_stride + i] += block[i * ROIALIGN_LANES + c];
-                else
-                    planes[c * plane_stride + i] = block[i * ROIALIGN_LANES + c];
-            }
+        roialign_deinterleave_rest_double(block, i, n, n_planes, planes, plane_stride, add);
     }
     """
     # planes per block: lanes of the channels-last scratch
