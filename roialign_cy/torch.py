@@ -37,7 +37,7 @@ except ImportError as exc:
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import _api, _cuda, _multiscale
+from . import _api, _cuda, _multiscale, _pooling
 from ._typing import Layout, Wrt
 
 BoxesArg = Union[Tensor, List[Tensor]]
@@ -51,7 +51,7 @@ __all__ = ["roi_align", "roi_align_rotated", "roi_pool", "ps_roi_align", "ps_roi
 # ---- tensors <-> kernel arrays ----------------------------------------------------------------
 
 def _is_cuda(t: Tensor) -> bool:
-    return t.device.type == "cuda"
+    return t.is_cuda
 
 
 @contextlib.contextmanager
@@ -141,6 +141,10 @@ def _rois(boxes: Any, input: Tensor, width: int) -> Tensor:
 
 # ---- autograd functions ------------------------------------------------------------------------
 
+# the core's one-shot forward of each operator (rotated RoIAlign: _api.roi_align_rotated)
+_CORE_FORWARD = {"roi_align": _api.roi_align, "roi_pool": _pooling.roi_pool,
+                 "ps_roi_align": _pooling.ps_roi_align, "ps_roi_pool": _pooling.ps_roi_pool}
+
 # the operators whose output is differentiable in the boxes (roi_pool and ps_roi_pool round them
 # to whole pixels; ps_roi_align has no box gradient in the core, nor in torchvision)
 _BOX_GRADIENT = ("roi_align",)
@@ -215,7 +219,30 @@ class _RoIFunction(torch.autograd.Function):
 def _apply(input: Tensor, boxes: Any, params: Dict[str, Any], deterministic: bool = True) -> Tensor:
     _check_input(input)
     rois = _rois(boxes, input, 5 if params.get("rotated") else 4)
-    return _RoIFunction.apply(input, rois, params, deterministic)
+    if torch.is_grad_enabled() and (input.requires_grad or rois.requires_grad):
+        return _RoIFunction.apply(input, rois, params, deterministic)
+    return _forward_only(input, rois, params)
+
+
+def _forward_only(input: Tensor, rois: Tensor, params: Dict[str, Any]) -> Tensor:
+    """The forward when autograd records nothing (inference, no_grad): the core's one-shot call,
+    which checks, plans and pools a small call in one compiled pass, with no plan kept for a
+    backward and no autograd node (the output then requires no grad either way)."""
+    x, layout = _kernel_layout(input)
+    kwargs = dict(params)
+    op = kwargs.pop("op", "roi_align")
+    function = _api.roi_align_rotated if kwargs.pop("rotated", False) else _CORE_FORWARD[op]
+    if not _is_cuda(x):  # (the stream context and DLPack cost microseconds a small call feels)
+        out = function(_host_array(x), _host_array(rois), layout=layout, **kwargs)
+        return _nchw(torch.from_numpy(out), layout)
+    with _kernel_stream(input):
+        out = _to_tensor(function(_to_array(x), _to_array(rois), layout=layout, **kwargs), input)
+    return _nchw(out, layout)
+
+
+def _host_array(t: Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (detached only when it requires grad)."""
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def roi_align(input: Tensor, boxes: BoxesArg, output_size: OutputSizeArg,

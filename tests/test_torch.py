@@ -1,6 +1,7 @@
 """roialign_cy.torch: torchvision's functions and modules on our kernels, autograd to the input and
 the boxes, zero-copy data movement, the CUDA path (with fakes here; on a GPU where there is one),
 and parity with torchvision where it is installed (values and gradients, float64)."""
+import contextlib
 import subprocess
 import sys
 import types
@@ -178,6 +179,54 @@ def test_no_grad_and_inference_mode(data, context):
         out = rt.roi_align(x, _t(boxes), 2, SCALE, 2)
     assert not out.requires_grad
     np.testing.assert_array_equal(out.numpy(), roialign_cy.roi_align(feats, boxes, 2, SCALE, 2))
+
+
+def _call(op, x, boxes, **kwargs):
+    """Each operator of the adapter on 2 x 2 bins, scale SCALE, adaptive sampling."""
+    if op == "roi_align_rotated":
+        return rt.roi_align_rotated(x, boxes, 2, SCALE, -1, **kwargs)
+    if op in ("roi_align", "ps_roi_align"):
+        return getattr(rt, op)(x, boxes, 2, SCALE, -1, **kwargs)
+    return getattr(rt, op)(x, boxes, 2, SCALE, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "inference_mode", "nothing requires grad"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("op", ["roi_align", "roi_align_rotated", "roi_pool", "ps_roi_align",
+                                "ps_roi_pool"])
+def test_forward_without_autograd_takes_the_one_shot_call(rng, spy, op, channels_last, how):
+    """With nothing to record, the forward is the core's one-shot call (no plan kept for a
+    backward, no autograd node): the autograd path's values, bit for bit, and no grad."""
+    feats = make_features(rng, N, 8, H, W)  # 8 channels: 2 x (2 x 2) for the position-sensitive
+    if op == "roi_align_rotated":
+        boxes = random_rotated_boxes(rng, 5, N, H, W, SCALE)
+    else:
+        boxes = random_boxes(rng, 5, N, H, W, SCALE)
+    x, b = _t(feats, how != "nothing requires grad"), _t(boxes)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_(x.requires_grad)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "nothing requires grad": contextlib.nullcontext}[how]
+    with context():
+        out = _call(op, x, b)
+    assert spy == [] and not out.requires_grad
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last
+                             else torch.contiguous_format)
+    recorded = _call(op, x.detach().requires_grad_(), b)
+    assert len(spy) == 1  # the autograd path keeps a plan
+    np.testing.assert_array_equal(out.numpy(), recorded.detach().numpy())
+
+
+def test_forward_without_autograd_keeps_cuda_tensors_on_the_device(data, monkeypatch):
+    feats, boxes = data
+    events = []
+    fake_cuda_path(monkeypatch, events, lambda ptr, device: contextlib.nullcontext(),
+                   lambda device: contextlib.nullcontext())
+    with torch.no_grad():
+        out = rt.roi_align(_t(feats), _t(boxes), 2, SCALE, 2)
+    assert [e[0] for e in events] == ["from_dlpack", "from_dlpack"]
+    np.testing.assert_array_equal(np.from_dlpack(out), roialign_cy.roi_align(feats, boxes, 2,
+                                                                              SCALE, 2))
 
 
 # ---- data movement -----------------------------------------------------------------------------
