@@ -72,6 +72,16 @@ def _cpu_module():
     return _cpu
 
 
+def _one_pass(kernels, out, batch_indices, backend, *args):
+    """A forward of few boxes in one compiled pass, with no Python-level step: the result of
+    ``forward_small(*args)`` of the CPU kernel module ``kernels``, or None when the call is not
+    a plain one (the caller then takes the general path, which checks it with its messages)."""
+    if (out is not None or batch_indices is not None or type(backend) is not str
+            or (backend != "auto" and backend != "cpu")):
+        return None
+    return getattr(_cpu or _cpu_module(), kernels).forward_small(*args)
+
+
 def _fixed_params(op, mode, aligned, sampling_ratio):
     """(mode, aligned, sampling_ratio) of roi_pool / ps_roi_* whose convention fixes them; a value
     given to ``plan`` that contradicts the operator is refused rather than ignored."""
@@ -293,14 +303,11 @@ def roi_align(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     array (K, C, PH, PW), or (K, PH, PW, C) for NHWC, of the features' dtype. Samples outside
     [-1, H] x [-1, W] count as 0; an empty sampling grid gives 0.
     """
-    if (out is None and batch_indices is None and type(features) is np.ndarray
-            and type(boxes) is np.ndarray and (backend == "auto" or backend == "cpu")):
-        # the plain call with few boxes: one compiled pass, no Python-level steps
-        pooled = (_cpu or _cpu_module())._roi_align.forward_small(
-            features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
-            n_threads, max_samples_per_bin, allow_inverted)
-        if pooled is not None:
-            return pooled
+    pooled = _one_pass("_roi_align", out, batch_indices, backend, "roi_align", features, boxes,
+                       output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
+                       n_threads, max_samples_per_bin, allow_inverted)
+    if pooled is not None:
+        return pooled
     return _forward("roi_align", features, boxes, output_size, spatial_scale, sampling_ratio,
                     aligned, mode, layout, batch_indices, backend, n_threads, out,
                     max_samples_per_bin, allow_inverted=allow_inverted)

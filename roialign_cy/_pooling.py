@@ -3,7 +3,7 @@ functions. Same validation, plans and kernels structure as RoIAlign (``_api``); 
 are docs/conventions.md, sections 8 and 9."""
 from typing import Any, Optional
 
-from ._api import _backward, _forward
+from ._api import _backward, _forward, _one_pass
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
 from ._typing import Array, ArrayLike, Backend, Boxes, FeaturesOrShape, Layout, OutputSize, Wrt
 
@@ -51,6 +51,12 @@ def roi_pool(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     each bin's arg-max pixel in its plane (the first maximum in row-major order), -1 for an empty
     bin.
     """
+    if not return_argmax:
+        pooled = _one_pass("_roi_pool", out, batch_indices, backend, "roi_pool", features, boxes,
+                           output_size, spatial_scale, layout, n_threads, allow_inverted,
+                           "torchvision")
+        if pooled is not None:
+            return pooled
     return _forward("roi_pool", features, boxes, output_size, spatial_scale, 0, False, "max",
                     layout, batch_indices, backend, n_threads, out, DEFAULT_MAX_SAMPLES_PER_BIN,
                     allow_inverted=allow_inverted, return_argmax=return_argmax)
@@ -102,6 +108,11 @@ def ps_roi_align(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     -------
     array (K, C / (PH * PW), PH, PW), or (K, PH, PW, C / (PH * PW)) for NHWC.
     """
+    pooled = _one_pass("_roi_align", out, batch_indices, backend, "ps_roi_align", features, boxes,
+                       output_size, spatial_scale, sampling_ratio, True, "avg", layout, n_threads,
+                       max_samples_per_bin, allow_inverted)
+    if pooled is not None:
+        return pooled
     return _forward("ps_roi_align", features, boxes, output_size, spatial_scale, sampling_ratio,
                     True, "avg", layout, batch_indices, backend, n_threads, out,
                     max_samples_per_bin, allow_inverted=allow_inverted)
@@ -151,6 +162,10 @@ def ps_roi_pool(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     -------
     array (K, C / (PH * PW), PH, PW), or (K, PH, PW, C / (PH * PW)) for NHWC.
     """
+    pooled = _one_pass("_roi_pool", out, batch_indices, backend, "ps_roi_pool", features, boxes,
+                       output_size, spatial_scale, layout, n_threads, allow_inverted, edge)
+    if pooled is not None:
+        return pooled
     return _forward("ps_roi_pool", features, boxes, output_size, spatial_scale, 0, False, "avg",
                     layout, batch_indices, backend, n_threads, out, DEFAULT_MAX_SAMPLES_PER_BIN,
                     allow_inverted=allow_inverted, edge=edge)

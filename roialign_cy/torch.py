@@ -26,7 +26,7 @@ its shape. The backward is not itself differentiable: a double backward raises a
 """
 import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -142,8 +142,9 @@ def _rois(boxes: Any, input: Tensor, width: int) -> Tensor:
 # ---- autograd functions ------------------------------------------------------------------------
 
 # the core's one-shot forward of each operator (rotated RoIAlign: _api.roi_align_rotated)
-_CORE_FORWARD = {"roi_align": _api.roi_align, "roi_pool": _pooling.roi_pool,
-                 "ps_roi_align": _pooling.ps_roi_align, "ps_roi_pool": _pooling.ps_roi_pool}
+_CORE_FORWARD: Dict[str, Callable[..., Any]] = {"roi_align": _api.roi_align, "roi_pool": _pooling.roi_pool,
+                                                 "ps_roi_align": _pooling.ps_roi_align,
+                                                 "ps_roi_pool": _pooling.ps_roi_pool}
 
 # the operators whose output is differentiable in the boxes (roi_pool and ps_roi_pool round them
 # to whole pixels; ps_roi_align has no box gradient in the core, nor in torchvision)
@@ -231,7 +232,8 @@ def _forward_only(input: Tensor, rois: Tensor, params: Dict[str, Any]) -> Tensor
     x, layout = _kernel_layout(input)
     kwargs = dict(params)
     op = kwargs.pop("op", "roi_align")
-    function = _api.roi_align_rotated if kwargs.pop("rotated", False) else _CORE_FORWARD[op]
+    function: Callable[..., Any] = (_api.roi_align_rotated if kwargs.pop("rotated", False)
+                                    else _CORE_FORWARD[op])
     if not _is_cuda(x):  # (the stream context and DLPack cost microseconds a small call feels)
         out = function(_host_array(x), _host_array(rois), layout=layout, **kwargs)
         return _nchw(torch.from_numpy(out), layout)

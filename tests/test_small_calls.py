@@ -1,4 +1,5 @@
-"""The one-pass path of small roi_align calls (roialign_cy._cpu._roi_align.forward_small).
+"""The one-pass path of small forward calls (``forward_small`` of roialign_cy._cpu._roi_align:
+roi_align, ps_roi_align; of _roi_pool: roi_pool, ps_roi_pool).
 
 A plain call with few boxes is checked, planned and pooled in one compiled pass. It must give the
 general path's bits for every parameter and loop order, take the plain calls (and only them), and
@@ -12,7 +13,7 @@ import roialign_cy
 from conftest import edge_case_boxes, make_features, random_boxes, split_batch, to_nhwc
 from reference import roi_align_ref
 from roialign_cy import _api
-from roialign_cy._cpu import _roi_align
+from roialign_cy._cpu import _roi_align, _roi_pool
 
 
 def _general(features, boxes, *args, **kwargs):
@@ -25,23 +26,24 @@ def _general(features, boxes, *args, **kwargs):
 
 @pytest.fixture
 def one_pass(monkeypatch):
-    """Fail any roi_align call that leaves the one-pass path: yields the list of calls it took."""
+    """Record whether each forward_small call took the call (True) or declined it (False)."""
     taken = []
-    real = _roi_align.forward_small
-
-    def recording(*args):
-        result = real(*args)
-        taken.append(result is not None)
-        return result
-
     from roialign_cy import _cpu
 
-    class Kernels:  # the driver's kernel module with forward_small recorded
-        def __getattr__(self, name):
-            return recording if name == "forward_small" else getattr(real_module, name)
+    class Recorded:  # a kernel module with forward_small recorded
+        def __init__(self, module):
+            self.module = module
 
-    real_module = _cpu._roi_align
-    monkeypatch.setattr(_cpu, "_roi_align", Kernels())
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def forward_small(self, *args):
+            result = self.module.forward_small(*args)
+            taken.append(result is not None)
+            return result
+
+    for name in ("_roi_align", "_roi_pool"):
+        monkeypatch.setattr(_cpu, name, Recorded(getattr(_cpu, name)))
     return taken
 
 
@@ -170,16 +172,26 @@ def test_huge_grids_are_refused_not_run(rng):
         roialign_cy.roi_align(x, boxes, 2, 1.0, -1, True)
 
 
-def test_direct_entry_declines_what_it_does_not_take():
-    x = np.zeros((1, 2, 4, 4), np.float32)
+def test_direct_entries_decline_what_they_do_not_take():
+    x = np.zeros((1, 8, 4, 4), np.float32)
     boxes = np.array([[0, 0, 0, 2, 2]], np.float32)
-    plain = (x, boxes, 2, 1.0, 2, True, "avg", "NCHW", None, 64, False)
-    assert _roi_align.forward_small(*plain).shape == (1, 2, 2, 2)
-    for i, other in [(0, x.astype(">f4")), (1, boxes[:, 1:]), (2, (2, 2, 2)), (3, float("inf")),
-                     (4, 1 << 41), (6, "AVG"), (8, 1 << 31), (9, 0), (10, None)]:
+    plain = ("roi_align", x, boxes, 2, 1.0, 2, True, "avg", "NCHW", None, 64, False)
+    assert _roi_align.forward_small(*plain).shape == (1, 8, 2, 2)
+    for i, other in [(0, "roi_pool"), (1, x.astype(">f4")), (2, boxes[:, 1:]), (3, (2, 2, 2)),
+                     (4, float("inf")), (5, 1 << 41), (7, "AVG"), (9, 1 << 31), (10, 0),
+                     (11, None), (1, x[:, :3])]:
         call = list(plain)
         call[i] = other
+        if i == 1 and other.shape[1] == 3:
+            call[0] = "ps_roi_align"  # 3 channels are not a multiple of 2 x 2
         assert _roi_align.forward_small(*call) is None, i
+    plain = ("ps_roi_pool", x, boxes, 2, 1.0, "NCHW", None, False, "image")
+    assert _roi_pool.forward_small(*plain).shape == (1, 2, 2, 2)
+    for i, other in [(0, "roi_align"), (1, x.astype(np.float64)), (3, [2, 2]), (4, -1.0),
+                     (5, "nchw"), (6, 0), (7, 1), (8, "edge"), (1, x[:, :3])]:
+        call = list(plain)
+        call[i] = other
+        assert _roi_pool.forward_small(*call) is None, i
 
 
 def test_calls_from_python_threads_share_nothing(rng):
@@ -208,3 +220,89 @@ def test_the_api_takes_the_one_pass_call_first(rng, monkeypatch):
 
     monkeypatch.setattr(_api, "_forward", general)
     assert roialign_cy.roi_align(x, boxes, 3, 1.0, 2, True).shape == (4, 3, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rest of the family
+
+FAMILY = {
+    # name: (function, positional arguments after (features, boxes), keywords, channels)
+    "roi_pool": (roialign_cy.roi_pool, ((3, 2), 0.5), {}, 5),
+    "roi_pool many channels": (roialign_cy.roi_pool, ((3, 2), 0.5), {}, 20),
+    "ps_roi_align": (roialign_cy.ps_roi_align, ((3, 2), 0.5, 2), {}, 12),
+    "ps_roi_align adaptive": (roialign_cy.ps_roi_align, ((3, 2), 0.5, -1), {}, 12),
+    "ps_roi_pool": (roialign_cy.ps_roi_pool, ((3, 2), 0.5), {}, 12),
+    "ps_roi_pool image edge": (roialign_cy.ps_roi_pool, ((3, 2), 0.5), {"edge": "image"}, 12),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("K", [1, 6, 200])
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_family_same_bits_as_the_general_path(rng, one_pass, name, K, layout, dtype):
+    fn, args, kwargs, C = FAMILY[name]
+    N, H, W = 2, 10, 13
+    x = make_features(rng, N, C, H, W, dtype)
+    boxes = np.concatenate([random_boxes(rng, K, N, H, W, 0.5),
+                            edge_case_boxes(rng, N, H, W, 0.5)]).astype(dtype)
+    if layout == "NHWC":
+        x = to_nhwc(x)
+    kwargs = dict(kwargs, layout=layout, allow_inverted=True)
+    for n_threads in (1, 3):
+        got = fn(x, boxes, *args, n_threads=n_threads, **kwargs)
+        probe = fn(x, boxes[:1], *args, **kwargs)  # the output's channels
+        out = np.full((len(boxes),) + probe.shape[1:], np.nan, dtype)
+        want = fn(x, boxes, *args, n_threads=n_threads, out=out, **kwargs)
+        np.testing.assert_array_equal(got, want)
+    # roi_pool on many NCHW channels whose boxes cover the map is the block loops': the general
+    # path's (test_roi_pool_block_loops_are_the_general_paths)
+    assert one_pass[1::2] == [True, True]
+    if name != "roi_pool many channels" or layout == "NHWC":
+        assert one_pass == [True] * 4
+
+
+@pytest.mark.parametrize("K, side, blocks", [(1, 3, False), (3, 11, True)])
+def test_roi_pool_block_loops_are_the_general_paths(rng, one_pass, K, side, blocks):
+    """The one-pass call declines the roi_pool calls that the cost model sends to the block loops
+    (boxes covering the map about once or more, 16 channels or more)."""
+    x = make_features(rng, 1, 32, 12, 12, np.float32)
+    boxes = np.tile(np.array([[0, 0, 0, side, side]], np.float32), (K, 1))
+    got = roialign_cy.roi_pool(x, boxes, 3)
+    np.testing.assert_array_equal(got, _general_pool(x, boxes, 3))
+    assert one_pass == [not blocks]
+
+
+def _general_pool(x, boxes, size):
+    out = np.empty((len(boxes), x.shape[1], size, size), x.dtype)
+    return roialign_cy.roi_pool(x, boxes, size, out=out)
+
+
+def test_roi_pool_with_argmax_takes_the_general_path(rng, one_pass):
+    x = make_features(rng, 1, 3, 8, 8, np.float32)
+    boxes = random_boxes(rng, 3, 1, 8, 8).astype(np.float32)
+    out, argmax = roialign_cy.roi_pool(x, boxes, 2, return_argmax=True)
+    np.testing.assert_array_equal(out, roialign_cy.roi_pool(x, boxes, 2))
+    assert one_pass == [True] and argmax.dtype == np.int32
+
+
+@pytest.mark.parametrize("fn, args", [(roialign_cy.roi_pool, (2,)),
+                                      (roialign_cy.ps_roi_align, (2, 1.0, 2)),
+                                      (roialign_cy.ps_roi_pool, (2,))])
+@pytest.mark.parametrize("bad, message", [
+    ({"box": [0, 1, np.nan, 4, 4]}, "boxes must be finite"),
+    ({"box": [3, 1, 1, 4, 4]}, "batch index out of range"),
+    ({"box": [0, 4, 1, 1, 4]}, "x2 >= x1"),
+    ({"channels": 6}, "multiple of output_size"),
+    ({"layout": "CHW"}, "layout must be one of"),
+])
+def test_family_bad_input_gets_the_general_paths_message(rng, one_pass, fn, args, bad, message):
+    if "channels" in bad and fn is roialign_cy.roi_pool:
+        pytest.skip("roi_pool takes any number of channels")
+    x = make_features(rng, 2, bad.get("channels", 8), 8, 8, np.float32)
+    boxes = random_boxes(rng, 4, 2, 8, 8).astype(np.float32)
+    if "box" in bad:
+        boxes[1] = bad["box"]
+    with pytest.raises((ValueError, TypeError), match=message):
+        fn(x, boxes, *args, **({"layout": bad["layout"]} if "layout" in bad else {}))
+    assert one_pass == [False]

@@ -254,8 +254,7 @@ class Run:
 
     def pool_blocks(self, windows, forward, channels, n_threads):
         """Whether roi_pool on NCHW maps of ``channels`` channels takes the channels-last block
-        loops: as ``_use_blocks`` decides for RoIAlign, with the pixels the bins cover (summed
-        over boxes) in place of the samples."""
+        loops (``_roi_pool.use_blocks``), given the pixels its bins cover."""
         p = self.p
         if p.op != "roi_pool" or p.channels_last:
             return False
@@ -266,12 +265,8 @@ class Run:
             rows = (windows[:, 1:ph:2] - windows[:, 0:ph:2]).clip(0).sum(axis=1)
             cols = (windows[:, ph + 1::2] - windows[:, ph::2]).clip(0).sum(axis=1)
             pixels = float(np.dot(rows.astype(np.float64), cols))
-            # the gradient holds two blocks per thread
-            scratch = h * w * _roi_pool.BLOCK_CHANNELS * self.itemsize * (1 if forward else 2)
-            tasks = n * -(-channels // _roi_pool.BLOCK_CHANNELS)
-            self._blocks[key] = (channels >= _roi_pool.BLOCK_CHANNELS and tasks >= n_threads
-                                 and scratch <= SCRATCH_BYTES_PER_THREAD
-                                 and pixels >= _INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w)
+            self._blocks[key] = _roi_pool.use_blocks(pixels, channels, n, h, w, self.itemsize,
+                                                     n_threads, forward)
         return self._blocks[key]
 
     def where(self):

@@ -24,7 +24,6 @@ the run of image n of that level starts.
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint8_t
-from libc.math cimport floor, isfinite
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
@@ -34,6 +33,10 @@ from ._openmp import effective_n_threads
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
 from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
 from ._planes cimport Shape, out_index, plane_offset, shape_of
+from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
+from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
+from ._calls cimport (SMALL_BOXES, SMALL_IMAGES, float_size, plain_flag, plain_int, plain_layout,
+                      plain_output_size, plain_scale, plain_threads, scan_boxes, sort_by_image)
 
 cdef enum:
     MODE_AVG = 0
@@ -1020,36 +1023,42 @@ def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
                const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
                const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
                floating[:, :, :, ::1] out, bint channels_last, int n_threads):
-    """Position-sensitive pooling of the boxes at sorted positions j0..j1 into ``out``: one task
-    per (image, output channel c, bin row ph, run of the image's boxes), which owns the PW input
-    planes of that row: few enough to stay in cache, and a box's tables and outputs are visited
-    once per PW bins."""
+    """Position-sensitive pooling of the boxes at sorted positions j0..j1 into ``out`` (see
+    ps_pool)."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
-    cdef Py_ssize_t N = s.N, Co = s.Co, PH = s.PH, PW = s.PW, cs = s.C if channels_last else 1
-    cdef Py_ssize_t runs, task, n, co, r, lo, hi, j, k, ph, pw, a, b
-    cdef const TableSet* T = &t.ts
+    cdef BoxRun R
+    R.order, R.key_start, R.gh, R.gw, R.j0, R.j1 = &order[0], &img_start[0], &gh[0], &gw[0], j0, j1
+    with nogil:
+        ps_pool(&x[0, 0, 0, 0], &out[0, 0, 0, 0], &s, &R, &t.ts, n_threads)
+
+
+cdef void ps_pool(const floating* X, floating* O, const Shape* s, const BoxRun* R,
+                  const TableSet* T, int n_threads) noexcept nogil:
+    """One task per (image, output channel c, bin row ph, run of the image's boxes), which owns
+    the PW input planes of that row: few enough to stay in cache, and a box's tables and outputs
+    are visited once per PW bins. (R's level and batch_idx are not read.)"""
+    cdef Py_ssize_t N = s.N, Co = s.Co, PH = s.PH, PW = s.PW, cs = s.C if s.channels_last else 1
+    cdef Py_ssize_t runs, task, n, co, r, lo, hi, j, k, ph, pw, a, b, j0 = R.j0, j1 = R.j1
     cdef Axes A
-    cdef const floating* X = &x[0, 0, 0, 0]
-    cdef floating* O = &out[0, 0, 0, 0]
     # split each image's boxes into runs when there are fewer groups than 4 tasks per thread
     runs = max(1, min(j1 - j0, (4 * n_threads + N * Co * PH - 1) // (N * Co * PH)))
-    for task in prange(N * Co * PH * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
+    for task in prange(N * Co * PH * runs, schedule="dynamic", num_threads=n_threads):
         n = task // (Co * PH * runs)
         co = (task // (PH * runs)) % Co
         ph = (task // runs) % PH
         r = task % runs
-        lo = max(img_start[n], j0)
-        hi = min(img_start[n + 1], j1)
+        lo = max(R.key_start[n], j0)
+        hi = min(R.key_start[n + 1], j1)
         if hi <= lo:
             continue
         a = lo + (hi - lo) * r // runs
         b = lo + (hi - lo) * (r + 1) // runs
         for j in range(a, b):
-            k = order[j]
-            A = axes_at(T, j - j0, gh[k], gw[k])
+            k = R.order[j]
+            A = axes_at(T, j - j0, R.gh[k], R.gw[k])
             for pw in range(PW):
-                O[out_index(&s, k, co, ph, pw)] = ps_average(
-                    X + plane_offset(&s, n, (co * PH + ph) * PW + pw), cs, s.W, &A, ph, pw)
+                O[out_index(s, k, co, ph, pw)] = ps_average(
+                    X + plane_offset(s, n, (co * PH + ph) * PW + pw), cs, s.W, &A, ph, pw)
 
 
 def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad,
@@ -1079,157 +1088,106 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
 
 
 # ---------------------------------------------------------------------------------------------
-# the cost model: threads and NCHW loop order (its one statement: the Python driver and the
-# one-pass call below both ask these)
+# the cost model (_cost.pxd), for the Python driver
 
-cdef enum:
-    # Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
-    # elements x samples per bin) per thread use fewer threads. Results do not depend on the count.
-    MIN_WORK_PER_THREAD = 1 << 14
-    # a table row costs well under a microsecond: fewer boxes per thread are not worth a team
-    MIN_BOXES_PER_TABLE_THREAD = 64
-    # channels-last scratch of the NCHW block strategy, per thread
-    SCRATCH_BYTES = 64 << 20
-
-# The NCHW kernels copy blocks of planes to channels-last scratch when the boxes take at least
-# this many bilinear samples per feature pixel (the copy costs about one read of the map;
-# measured on the benchmark workloads, see benchmarks/README.md).
-INTERLEAVE_MIN_SAMPLES_PER_PIXEL = 1.0
-cdef double _interleave_min = INTERLEAVE_MIN_SAMPLES_PER_PIXEL
+INTERLEAVE_MIN_SAMPLES_PER_PIXEL = _INTERLEAVE_MIN
 SCRATCH_BYTES_PER_THREAD = SCRATCH_BYTES
 
 
-cpdef int work_threads(int wanted, Py_ssize_t n_outputs, Py_ssize_t sampling_ratio) noexcept nogil:
-    """Threads for a call of ``n_outputs`` output elements: at most ``wanted``, and one per
-    MIN_WORK_PER_THREAD samples (adaptive grids counted as 2 x 2)."""
-    cdef double samples = <double>sampling_ratio * sampling_ratio if sampling_ratio > 0 else 4
-    cdef double fit = <double>n_outputs * samples / MIN_WORK_PER_THREAD
-    if fit < 1:
-        return 1
-    return wanted if fit >= wanted else <int>fit
+def work_threads(int wanted, double n_outputs, double sampling_ratio):
+    return threads_for_work(wanted, n_outputs, sampling_ratio)
 
 
-cpdef int table_threads(int n_threads, Py_ssize_t n_boxes) noexcept nogil:
-    """Threads that fill the sampling tables of ``n_boxes`` boxes."""
-    cdef Py_ssize_t fit = n_boxes // MIN_BOXES_PER_TABLE_THREAD
-    return 1 if fit < 1 else (n_threads if fit >= n_threads else <int>fit)
+def table_threads(int n_threads, Py_ssize_t n_boxes):
+    return threads_for_tables(n_threads, n_boxes)
 
 
-cpdef bint use_blocks(double samples, Py_ssize_t c, Py_ssize_t h, Py_ssize_t w, Py_ssize_t n,
-                      Py_ssize_t itemsize, Py_ssize_t tasks, int n_threads,
-                      bint forward) noexcept nogil:
-    """The NCHW strategy for one map of n images: copy blocks of LANES planes to channels-last
-    scratch (vector code over channels), or read the planes directly. Blocks pay when the boxes
-    take at least about one sample per feature pixel (the copy is one read of the map), when a
-    block is full (C >= LANES), and when a block fits the scratch bound; the forward also needs
-    enough block ``tasks`` to keep the threads busy, since otherwise it splits the boxes."""
-    if c < LANES or <double>h * w * LANES * itemsize > SCRATCH_BYTES:
-        return False
-    if forward and tasks < n_threads:
-        return False
-    return samples >= _interleave_min * n * h * w
+def use_blocks(double samples, Py_ssize_t c, Py_ssize_t h, Py_ssize_t w, Py_ssize_t n,
+               Py_ssize_t itemsize, Py_ssize_t tasks, int n_threads, bint forward):
+    """RoIAlign's NCHW loop order (blocks_pay): the scratch holds one block of the map."""
+    return blocks_pay(samples, c, h, w, n, h * w * LANES * itemsize, tasks, n_threads, forward)
 
 
 # ---------------------------------------------------------------------------------------------
-# one-shot forward of a few boxes: arguments checked, boxes planned and pooled in one compiled
-# pass, with no Python-level step (the per-call cost of the general path is tens of
-# microseconds of small numpy operations, more than the kernels of a small call)
+# one-pass small calls: the arguments of a plain call with few boxes checked (_calls.pxd), its
+# boxes planned and pooled in one compiled pass, with no Python-level step (the general path
+# costs tens of microseconds of small numpy operations per call, more than a small call's
+# kernels)
 
 cdef enum:
-    # the one-pass call takes at most this many boxes, images and table entries (past them the
-    # general path's fixed cost is small against the kernels')
-    SMALL_BOXES = 1024
-    SMALL_IMAGES = 4096
+    # the one-pass call builds at most this many table entries, and takes grids of at most
+    # this many samples per bin (sums of them stay exact in int64)
     SMALL_TABLE_ENTRIES = 1 << 20
-    # and grids of at most this many samples per bin (sums of them stay exact in int64)
     SMALL_SAMPLES = 1 << 30
 
+cdef object _NDARRAY = np.ndarray
 cdef object _F32 = np.dtype(np.float32)
 cdef object _F64 = np.dtype(np.float64)
-cdef object _INT_MAX = 2**31 - 1
 
 
-def forward_small(features, boxes, output_size, spatial_scale, sampling_ratio, aligned, mode,
-                  layout, n_threads, max_samples_per_bin, allow_inverted):
-    """``roi_align(features, boxes, ...)`` for the plain call, or None for any other.
+def forward_small(op, features, boxes, output_size, spatial_scale, sampling_ratio, aligned,
+                  mode, layout, n_threads, max_samples_per_bin, allow_inverted):
+    """``roi_align`` (op "roi_align") or ``ps_roi_align`` ("ps_roi_align"; aligned and mode as it
+    fixes them) of a plain call, or None for any other.
 
     The plain call: C-contiguous numpy features of a native float dtype, (K, 5) boxes of the same
-    dtype (any strides), no batch_indices or out, every scalar of its plain Python type and valid,
-    every box valid, and at most SMALL_BOXES boxes. Anything else, valid or not, returns None:
-    the general path then checks it, with its messages, and runs it. The result is the general
-    path's, bit for bit: the same grid rule, tables, cost model and kernels."""
-    cdef Py_ssize_t ph, pw, sr
-    cdef double scale, limit
+    dtype (any strides), no batch_indices or out, every scalar of its plain Python type and valid
+    (_calls.pxd), every box valid, at most SMALL_BOXES boxes. Anything else, valid or not, returns
+    None: the general path then checks it, with its messages, and runs it. The result is the
+    general path's, bit for bit: the same grid rule, tables, cost model and kernels."""
+    # (written through the pointers of the checks: zero first for Cython's flow analysis)
+    cdef Py_ssize_t ph = 0, pw = 0, sr = 0, limit = 0
+    cdef double scale = 0
+    cdef bint channels_last = False
     # only the dtype's pair is assigned; None so that Cython's flow analysis sees both assigned
     cdef const float[:, :, :, ::1] xf = None
     cdef const float[:, :] bf = None
     cdef const double[:, :, :, ::1] xd = None
     cdef const double[:, :] bd = None
-    # the scalars: their plain types and ranges only (anything else: the general path)
-    if type(output_size) is int:
-        o0 = o1 = output_size
-    elif type(output_size) is tuple and len(<tuple>output_size) == 2:
-        o0, o1 = output_size
-    else:
-        return None
-    if type(o0) is not int or type(o1) is not int or not (1 <= o0 <= _INT_MAX and 1 <= o1 <= _INT_MAX):
-        return None
-    ph, pw = o0, o1
-    if type(spatial_scale) is float:
-        scale = spatial_scale
-    elif type(spatial_scale) is int and 0 < spatial_scale < _INT_MAX:
-        scale = <double>spatial_scale
-    else:
-        return None
-    if not (isfinite(scale) and scale > 0):
-        return None
-    if type(sampling_ratio) is not int or not (-1 <= sampling_ratio <= SMALL_SAMPLES):
-        return None
-    sr = sampling_ratio
-    if type(max_samples_per_bin) is not int or not (1 <= max_samples_per_bin <= SMALL_SAMPLES):
-        return None
-    limit = <double>(<Py_ssize_t>max_samples_per_bin)
-    if not (aligned is True or aligned is False) or not (allow_inverted is True or allow_inverted is False):
-        return None
-    if type(mode) is not str or type(layout) is not str:
+    cdef int size = float_size(features, boxes, _NDARRAY, _F32, _F64)
+    if (size == 0 or not plain_output_size(output_size, &ph, &pw)
+            or not plain_scale(spatial_scale, &scale)
+            or not plain_int(sampling_ratio, -1, SMALL_SAMPLES, &sr)
+            or not plain_int(max_samples_per_bin, 1, SMALL_SAMPLES, &limit)
+            or not plain_flag(aligned) or not plain_flag(allow_inverted)
+            or not plain_layout(layout, &channels_last) or not plain_threads(n_threads)
+            or type(mode) is not str or (op != "roi_align" and op != "ps_roi_align")):
         return None
     code = MODES.get(mode)
-    if code is None or (layout != "NCHW" and layout != "NHWC"):
+    if code is None:
         return None
-    cdef int mode_code = code
-    cdef bint channels_last = layout == "NHWC"
+    cdef int mode_code = code, wanted = effective_n_threads(n_threads)
     cdef bint check_order = allow_inverted is False, is_aligned = aligned is True
-    if n_threads is not None and (type(n_threads) is not int or not 1 <= n_threads <= _INT_MAX):
-        return None
-    cdef int wanted_threads = effective_n_threads(n_threads)
-    dtype = features.dtype
-    if boxes.dtype is not dtype or (dtype is not _F32 and dtype is not _F64):
-        return None
+    cdef bint position_sensitive = op == "ps_roi_align"
     try:  # C-contiguous rank-4 features, rank-2 boxes (what the memoryviews accept)
-        if dtype is _F32:
+        if size == 4:
             xf, bf = features, boxes
         else:
             xd, bd = features, boxes
     except (ValueError, BufferError):
         return None
-    if dtype is _F32:
+    if size == 4:
         return small_forward(xf, bf, ph, pw, scale, sr, is_aligned, mode_code, channels_last,
-                             wanted_threads, limit, check_order)
+                             wanted, <double>limit, check_order, position_sensitive)
     return small_forward(xd, bd, ph, pw, scale, sr, is_aligned, mode_code, channels_last,
-                         wanted_threads, limit, check_order)
+                         wanted, <double>limit, check_order, position_sensitive)
 
 
 cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
                           Py_ssize_t PW, double scale, Py_ssize_t sr, bint aligned, int mode,
-                          bint channels_last, int wanted, double limit, bint check_order):
-    cdef Py_ssize_t K = b.shape[0], N = x.shape[0], k, n, s
+                          bint channels_last, int wanted, double limit, bint check_order,
+                          bint position_sensitive):
+    cdef Py_ssize_t K = b.shape[0], N = x.shape[0], k
     cdef Py_ssize_t C = x.shape[3] if channels_last else x.shape[1]
     cdef Py_ssize_t H = x.shape[1] if channels_last else x.shape[2]
     cdef Py_ssize_t W = x.shape[2] if channels_last else x.shape[3]
+    cdef Py_ssize_t Co = C // (PH * PW) if position_sensitive else C
     if b.shape[1] != 5 or not (0 < K <= SMALL_BOXES) or not (0 < N <= SMALL_IMAGES):
         return None
-    if C == 0 or H == 0 or W == 0 or <double>K * C * PH * PW > <double>SMALL_TABLE_ENTRIES * SMALL_TABLE_ENTRIES:
+    if Co == 0 or H == 0 or W == 0 or <double>K * C * PH * PW > <double>SMALL_TABLE_ENTRIES * SMALL_TABLE_ENTRIES:
         return None  # (an output that large is the general path's MemoryError)
+    if position_sensitive and C % (PH * PW):
+        return None
     # per-box arrays in one block: batch, gh, gw, level (0), order, key_start (N + 1), offsets
     # (2 (K + 1)), then the (K, 4) coordinates
     cdef int64_t* block = <int64_t*>calloc(7 * K + N + 3 + 4 * K, 8)
@@ -1248,26 +1206,15 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef char* weights = NULL
     cdef int64_t ny = 0, nx = 0, grid_samples = 0
     cdef floating start = 0, bin_size = 0, size
-    cdef bint clamped = False, ok = True
-    cdef double bi
+    cdef bint clamped = False, ok
     with nogil:
-        for k in range(K):
-            for s in range(5):
-                if not isfinite(b[k, s]):
-                    ok = False
-            bi = b[k, 0]
-            if not ok or bi != floor(bi) or bi < 0 or bi >= N:
-                ok = False
-                break
-            if check_order and (b[k, 3] < b[k, 1] or b[k, 4] < b[k, 2]):
-                ok = False
-                break
-            batch[k] = <int64_t>bi
-            for s in range(4):
-                rois[4 * k + s] = b[k, s + 1]
-            size = roi_axis(b[k, 2], b[k, 4], scale, aligned, PH, &start, &bin_size, &clamped)
+        ok = scan_boxes(b, N, check_order, rois, batch)
+        for k in range(K if ok else 0):
+            size = roi_axis(rois[4 * k + 1], rois[4 * k + 3], scale, aligned, PH, &start,
+                            &bin_size, &clamped)
             gh[k] = grid_size(sr, size, PH)
-            size = roi_axis(b[k, 1], b[k, 3], scale, aligned, PW, &start, &bin_size, &clamped)
+            size = roi_axis(rois[4 * k], rois[4 * k + 2], scale, aligned, PW, &start, &bin_size,
+                            &clamped)
             gw[k] = grid_size(sr, size, PW)
             if <double>gh[k] * gw[k] > limit or gh[k] > limit or gw[k] > limit:
                 ok = False  # the general path's bound check says which box and why
@@ -1279,17 +1226,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
             nx += gw[k] * PW
             grid_samples += gh[k] * gw[k]
         if ok:
-            # boxes by image, stably (a counting sort), as the general path orders them
-            for k in range(K):
-                key_start[batch[k] + 1] += 1
-            for n in range(N):
-                key_start[n + 1] += key_start[n]
-            for k in range(K):  # key_start[n] runs ahead while placing, then is restored
-                order[key_start[batch[k]]] = k
-                key_start[batch[k]] += 1
-            for n in range(N, 0, -1):
-                key_start[n] = key_start[n - 1]
-            key_start[0] = 0
+            sort_by_image(batch, K, N, order, key_start)
             for k in range(K):
                 yoff[k + 1] = yoff[k] + gh[order[k]] * PH
                 xoff[k + 1] = xoff[k] + gw[order[k]] * PW
@@ -1303,19 +1240,20 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
         free(ints)
         free(weights)
         raise MemoryError("cannot allocate the tables of a small call")
-    cdef int n_threads = work_threads(wanted, K * C * PH * PW, sr)
-    cdef uint8_t blocks = not channels_last and use_blocks(
-        <double>grid_samples * PH * PW, C, H, W, N, sizeof(floating),
+    cdef int n_threads = threads_for_work(wanted, <double>K * Co * PH * PW, sr)
+    cdef uint8_t blocks = not channels_last and not position_sensitive and blocks_pay(
+        <double>grid_samples * PH * PW, C, H, W, N, H * W * LANES * sizeof(floating),
         N * ((C + LANES - 1) // LANES), n_threads, True)
-    out = np.empty((K, PH, PW, C) if channels_last else (K, C, PH, PW),
+    out = np.empty((K, PH, PW, Co) if channels_last else (K, Co, PH, PW),
                    np.float32 if floating is float else np.float64)
     cdef floating[:, :, :, ::1] o = out
     cdef TableSet T
     cdef Map M
     cdef BoxRun R
+    cdef Shape shape = shape_of(x.shape, o.shape, channels_last)
     cdef double scales[1]
     cdef int64_t extent[2]
-    cdef Py_ssize_t failed
+    cdef Py_ssize_t failed = 0
     M.x, M.g, M.H, M.W = <const char*>&x[0, 0, 0, 0], NULL, H, W
     R.level, R.batch_idx, R.order, R.key_start = level, batch, order, key_start
     R.gh, R.gw, R.j0, R.j1 = gh, gw, 0, K
@@ -1323,9 +1261,12 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     with nogil:
         lay_out_tables(&T, ints, weights, yoff, xoff, K, PH, PW, sizeof(floating))
         fill_tables(rois, order, 0, K, gh, gw, level, &extent[0], &extent[1], scales, aligned,
-                    &T, table_threads(n_threads, K))
-        failed = pool_boxes(&M, 1, N, C, PH, PW, &R, &T, &o[0, 0, 0, 0], mode, channels_last,
-                            &blocks, n_threads)
+                    &T, threads_for_tables(n_threads, K))
+        if position_sensitive:
+            ps_pool(&x[0, 0, 0, 0], &o[0, 0, 0, 0], &shape, &R, &T, n_threads)
+        else:
+            failed = pool_boxes(&M, 1, N, C, PH, PW, &R, &T, &o[0, 0, 0, 0], mode,
+                                channels_last, &blocks, n_threads)
     free(block)
     free(ints)
     free(weights)

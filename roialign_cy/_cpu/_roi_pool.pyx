@@ -17,7 +17,7 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport ceil, floor, round
 from libc.stdint cimport int32_t, int64_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
 
 import numpy as np
@@ -26,6 +26,10 @@ from ._geometry cimport takes_max
 from ._lanes cimport (LANES, BlockTask, add_deinterleaved, block_task, deinterleave_bins,
                       interleave_planes)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
+from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
+from ._calls cimport (SMALL_BOXES, SMALL_IMAGES, float_size, plain_flag, plain_layout,
+                      plain_output_size, plain_scale, plain_threads, scan_boxes, sort_by_image)
+from ._openmp import effective_n_threads
 
 cdef enum:
     OP_ROI_POOL = 0
@@ -212,23 +216,30 @@ cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int
 def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             const int64_t[:, ::1] win, const int64_t[::1] order, const int64_t[::1] img_start,
             int op, bint channels_last, int n_threads, int32_t[:, :, :, ::1] argmax=None):
-    """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out``. A task owns
-    a group of planes of one image: one plane (roi_pool), or the PW planes of one bin row of an
-    output channel (ps_roi_pool: they stay in L2, and a box's outputs of the row are written
-    together), and a run of the image's boxes. ``argmax`` (roi_pool, optional, shaped like ``out``) receives
-    each bin's arg-max pixel y * W + x, -1 for an empty bin."""
+    """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out`` (see
+    pool_planes); ``argmax`` (roi_pool, optional, shaped like ``out``) receives each bin's arg-max
+    pixel y * W + x, -1 for an empty bin."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
-    cdef Py_ssize_t cs = s.C if channels_last else 1
+    with nogil:
+        pool_planes(&x[0, 0, 0, 0], &out[0, 0, 0, 0], AM, &s, &win[0, 0], win.shape[1],
+                    &order[0], &img_start[0], order.shape[0], op, n_threads)
+
+
+cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* s,
+                      const int64_t* wt, Py_ssize_t row, const int64_t* order,
+                      const int64_t* img_start, Py_ssize_t K, int op,
+                      int n_threads) noexcept nogil:
+    """A task owns a group of planes of one image: one plane (roi_pool), or the PW planes of one
+    bin row of an output channel (ps_roi_pool: they stay in L2, and a box's outputs of the row
+    are written together), and a run of the image's boxes (``row``: entries per box of the
+    windows table ``wt``)."""
+    cdef Py_ssize_t cs = s.C if s.channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
-    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, pw, ci
-    cdef const floating* X = &x[0, 0, 0, 0]
-    cdef floating* O = &out[0, 0, 0, 0]
-    cdef const int64_t* wt = &win[0, 0]
-    cdef Py_ssize_t row = win.shape[1], PH = s.PH
+    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, pw, ci, PH = s.PH
     # split each image's boxes into runs when there are fewer groups than tasks wanted
-    runs = max(1, min(order.shape[0], (TASKS_PER_THREAD * n_threads + s.N * groups - 1) // (s.N * groups)))
-    for task in prange(s.N * groups * runs, nogil=True, schedule="dynamic", num_threads=n_threads):
+    runs = max(1, min(K, (TASKS_PER_THREAD * n_threads + s.N * groups - 1) // (s.N * groups)))
+    for task in prange(s.N * groups * runs, schedule="dynamic", num_threads=n_threads):
         n = task // (groups * runs)
         g = (task // runs) % groups
         r = task % runs
@@ -237,12 +248,12 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
         b = lo + (hi - lo) * (r + 1) // runs
         for j in range(a, b):
             if op == OP_ROI_POOL:
-                pool_box(X + plane_offset(&s, n, g), cs, O, AM, &s, order[j], g, wt + j * row,
+                pool_box(X + plane_offset(s, n, g), cs, O, AM, s, order[j], g, wt + j * row,
                          wt + j * row + 2 * PH, op, 0, 0, 0)
                 continue
             for pw in range(s.PW):
                 ci = g * s.PW + pw  # (c * PH + ph) * PW + pw with g = c * PH + ph
-                pool_box(X + plane_offset(&s, n, ci), cs, O, NULL, &s, order[j], ci,
+                pool_box(X + plane_offset(s, n, ci), cs, O, NULL, s, order[j], ci,
                          wt + j * row, wt + j * row + 2 * PH, op, g // s.PH, g % s.PH, pw)
 
 
@@ -599,3 +610,127 @@ def backward_argmax(const floating[:, :, :, ::1] grad_out, const int32_t[:, :, :
                     elif a != -1:
                         bad += 1
     return bad
+
+
+# ---------------------------------------------------------------------------------------------
+# the cost model (_cost.pxd) of roi_pool's NCHW loop order, and the one-pass small calls
+
+def use_blocks(double pixels, Py_ssize_t c, Py_ssize_t h, Py_ssize_t w, Py_ssize_t n,
+               Py_ssize_t itemsize, int n_threads, bint forward):
+    """Whether roi_pool on NCHW maps takes the block loops: as RoIAlign's rule, with the pixels
+    the bins cover (summed over boxes) for the samples; the gradient holds two blocks per
+    thread."""
+    return blocks_pay(pixels, c, h, w, n, h * w * LANES * itemsize * (1 if forward else 2),
+                      n * ((c + LANES - 1) // LANES), n_threads, forward)
+
+
+cdef object _NDARRAY = np.ndarray
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F64 = np.dtype(np.float64)
+
+
+def forward_small(op, features, boxes, output_size, spatial_scale, layout, n_threads,
+                  allow_inverted, edge):
+    """``roi_pool`` (op "roi_pool", without arg-max) or ``ps_roi_pool`` ("ps_roi_pool") of a
+    plain call (as _roi_align.forward_small says), checked, windowed and pooled in one compiled
+    pass; None for any other call, which the general path then checks and runs. A roi_pool that
+    the cost model sends to the block loops is left to the general path too. The result is the
+    general path's, bit for bit."""
+    # (written through the pointers of the checks: zero first for Cython's flow analysis)
+    cdef Py_ssize_t ph = 0, pw = 0
+    cdef double scale = 0
+    cdef bint channels_last = False
+    cdef const float[:, :, :, ::1] xf = None
+    cdef const float[:, :] bf = None
+    cdef const double[:, :, :, ::1] xd = None
+    cdef const double[:, :] bd = None
+    cdef int size = float_size(features, boxes, _NDARRAY, _F32, _F64)
+    if (size == 0 or not plain_output_size(output_size, &ph, &pw)
+            or not plain_scale(spatial_scale, &scale) or not plain_flag(allow_inverted)
+            or not plain_layout(layout, &channels_last) or not plain_threads(n_threads)
+            or op not in OPS or (edge != "torchvision" and edge != "image")):
+        return None
+    cdef int code = OPS[op], wanted = effective_n_threads(n_threads)
+    cdef bint check_order = allow_inverted is False, image_edge = edge == "image"
+    try:  # C-contiguous rank-4 features, rank-2 boxes (what the memoryviews accept)
+        if size == 4:
+            xf, bf = features, boxes
+        else:
+            xd, bd = features, boxes
+    except (ValueError, BufferError):
+        return None
+    if size == 4:
+        return small_forward(xf, bf, ph, pw, scale, code, channels_last, wanted, check_order,
+                             image_edge)
+    return small_forward(xd, bd, ph, pw, scale, code, channels_last, wanted, check_order,
+                         image_edge)
+
+
+cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
+                          Py_ssize_t PW, double spatial_scale, int op, bint channels_last,
+                          int wanted, bint check_order, bint image_edge):
+    cdef Py_ssize_t K = b.shape[0], N = x.shape[0], k, q, row = 2 * (PH + PW)
+    cdef Py_ssize_t C = x.shape[3] if channels_last else x.shape[1]
+    cdef Py_ssize_t H = x.shape[1] if channels_last else x.shape[2]
+    cdef Py_ssize_t W = x.shape[2] if channels_last else x.shape[3]
+    cdef Py_ssize_t Co = C if op == OP_ROI_POOL else C // (PH * PW)
+    if b.shape[1] != 5 or not (0 < K <= SMALL_BOXES) or not (0 < N <= SMALL_IMAGES):
+        return None
+    if Co == 0 or H == 0 or W == 0 or <double>K * row > 1 << 24 or <double>K * C * PH * PW > 1 << 40:
+        return None  # (an output that large is the general path's MemoryError)
+    if op == OP_PS_ROI_POOL and C % (PH * PW):
+        return None
+    # as ``windows``: roi_pool covers the end pixel; ps_roi_pool clips to H - 1 unless image_edge
+    cdef int64_t grow = 1 if op == OP_ROI_POOL else 0
+    cdef int64_t top_h = H if op == OP_ROI_POOL or image_edge else H - 1
+    cdef int64_t top_w = W if op == OP_ROI_POOL or image_edge else W - 1
+    cdef floating scale = <floating>spatial_scale
+    # batch, order, image starts (N + 1), the (K, row) windows, then the (K, 4) coordinates
+    cdef int64_t* block = <int64_t*>calloc(2 * K + N + 1 + K * row + 4 * K, 8)
+    if block == NULL:
+        raise MemoryError("cannot allocate the windows of a small call")
+    cdef int64_t* batch = block
+    cdef int64_t* order = block + K
+    cdef int64_t* img_start = block + 2 * K
+    cdef int64_t* wt = img_start + N + 1
+    cdef floating* rois = <floating*>(wt + K * row)
+    cdef double pixels = 0
+    cdef bint ok
+    cdef int n_threads = threads_for_work(wanted, <double>K * Co * PH * PW, 0)
+    with nogil:
+        ok = scan_boxes(b, N, check_order, rois, batch)
+        if ok:
+            sort_by_image(batch, K, N, order, img_start)
+            for q in range(K):
+                k = order[q]
+                axis_windows(rois[4 * k + 1], rois[4 * k + 3], scale, PH, grow, top_h, wt + q * row)
+                axis_windows(rois[4 * k], rois[4 * k + 2], scale, PW, grow, top_w,
+                             wt + q * row + 2 * PH)
+                if op == OP_ROI_POOL and not channels_last:
+                    pixels += <double>window_extent(wt + q * row, PH) * window_extent(wt + q * row + 2 * PH, PW)
+    if ok and op == OP_ROI_POOL and not channels_last and blocks_pay(
+            pixels, C, H, W, N, H * W * LANES * sizeof(floating), N * ((C + LANES - 1) // LANES),
+            n_threads, True):
+        ok = False  # the block loops: the general path's (bit-identical, faster in bulk)
+    if not ok:
+        free(block)
+        return None
+    out = np.empty((K, PH, PW, Co) if channels_last else (K, Co, PH, PW),
+                   np.float32 if floating is float else np.float64)
+    cdef floating[:, :, :, ::1] o = out
+    cdef Shape shape = shape_of(x.shape, o.shape, channels_last)
+    with nogil:
+        pool_planes(&x[0, 0, 0, 0], &o[0, 0, 0, 0], NULL, &shape, wt, row, order, img_start, K,
+                    op, n_threads)
+    free(block)
+    return out
+
+
+cdef inline int64_t window_extent(const int64_t* win, Py_ssize_t pooled) noexcept nogil:
+    """Pixels the bins of one axis cover, summed over bins (empty bins count 0)."""
+    cdef int64_t total = 0
+    cdef Py_ssize_t p
+    for p in range(pooled):
+        if win[2 * p + 1] > win[2 * p]:
+            total += win[2 * p + 1] - win[2 * p]
+    return total

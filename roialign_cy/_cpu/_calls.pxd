@@ -1,0 +1,118 @@
+# What the one-pass small calls of the kernel modules (forward_small) accept: the plain form of
+# each argument, checked in C with no Python-level step. Each check answers "plain and valid" or
+# not; on "not" the caller returns None and the general path (roialign_cy._validate) checks the
+# call again, with its messages, and refuses or runs it. So these never raise, and never need to
+# say what is wrong.
+from cython cimport floating
+from libc.math cimport floor, isfinite
+from libc.stdint cimport int64_t
+
+cdef enum:
+    # the one-pass calls take at most this many boxes and images (past them the general path's
+    # fixed cost is small against the kernels')
+    SMALL_BOXES = 1024
+    SMALL_IMAGES = 4096
+    INT_MAX = 2147483647
+
+
+cdef inline bint plain_output_size(object size, Py_ssize_t* ph, Py_ssize_t* pw):
+    """An int, or a tuple of two ints, each in [1, INT_MAX]."""
+    if type(size) is int:
+        a = b = size
+    elif type(size) is tuple and len(<tuple>size) == 2:
+        a, b = size
+    else:
+        return False
+    if type(a) is not int or type(b) is not int or not (1 <= a <= INT_MAX and 1 <= b <= INT_MAX):
+        return False
+    ph[0], pw[0] = a, b
+    return True
+
+
+cdef inline bint plain_scale(object value, double* scale):
+    """A finite positive float (or a small positive int)."""
+    if type(value) is float:
+        scale[0] = value
+    elif type(value) is int and 0 < value < INT_MAX:
+        scale[0] = <double>(<Py_ssize_t>value)
+    else:
+        return False
+    return isfinite(scale[0]) and scale[0] > 0
+
+
+cdef inline bint plain_int(object value, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t* out):
+    if type(value) is not int or not (lo <= value <= hi):
+        return False
+    out[0] = value
+    return True
+
+
+cdef inline bint plain_flag(object value):
+    return value is True or value is False
+
+
+cdef inline bint plain_layout(object layout, bint* channels_last):
+    if type(layout) is not str or (layout != "NCHW" and layout != "NHWC"):
+        return False
+    channels_last[0] = layout == "NHWC"
+    return True
+
+
+cdef inline bint plain_threads(object n_threads):
+    return n_threads is None or (type(n_threads) is int and 1 <= n_threads <= INT_MAX)
+
+
+cdef inline int float_size(object features, object boxes, object ndarray, object float32,
+                           object float64):
+    """4 or 8: ``ndarray`` features and boxes of the same native float dtype (numpy's float32 and
+    float64 dtypes, given by the caller: a .pxd imports no Python module); 0: anything else (the
+    memoryviews then check rank and contiguity)."""
+    if type(features) is not ndarray or type(boxes) is not ndarray:
+        return 0
+    dtype = features.dtype
+    if boxes.dtype is not dtype:
+        return 0
+    if dtype is float32:
+        return 4
+    if dtype is float64:
+        return 8
+    return 0
+
+
+cdef inline bint scan_boxes(const floating[:, :] b, Py_ssize_t n_images, bint check_order,
+                            floating* coords, int64_t* batch) noexcept nogil:
+    """(K, 5) [batch_index, x1, y1, x2, y2] rows: every value finite, batch indices whole and in
+    [0, n_images), and with ``check_order`` no inverted box. Writes the (K, 4) coordinates and
+    the batch indices."""
+    cdef Py_ssize_t k, s
+    cdef double bi
+    for k in range(b.shape[0]):
+        for s in range(5):
+            if not isfinite(b[k, s]):
+                return False
+        bi = b[k, 0]
+        if bi != floor(bi) or bi < 0 or bi >= n_images:
+            return False
+        if check_order and (b[k, 3] < b[k, 1] or b[k, 4] < b[k, 2]):
+            return False
+        batch[k] = <int64_t>bi
+        for s in range(4):
+            coords[4 * k + s] = b[k, s + 1]
+    return True
+
+
+cdef inline void sort_by_image(const int64_t* batch, Py_ssize_t K, Py_ssize_t n_images,
+                               int64_t* order, int64_t* image_start) noexcept nogil:
+    """Box positions sorted by image, stably (a counting sort: the general path's argsort
+    order), and where each image's run starts (image_start: n_images + 1 entries, zeroed)."""
+    cdef Py_ssize_t k, n
+    for k in range(K):
+        image_start[batch[k] + 1] += 1
+    for n in range(n_images):
+        image_start[n + 1] += image_start[n]
+    for k in range(K):  # image_start[n] runs ahead while placing, then is restored
+        order[image_start[batch[k]]] = k
+        image_start[batch[k]] += 1
+    for n in range(n_images, 0, -1):
+        image_start[n] = image_start[n - 1]
+    image_start[0] = 0

@@ -1,0 +1,56 @@
+# The cost model of the CPU kernels: how many threads a call uses and which NCHW loop order it
+# takes. Stated once, here: the kernel modules' one-pass small calls ask it in C, and the Python
+# driver (roialign_cy._cpu) through their wrappers (_roi_align.work_threads, ...). Results never
+# depend on these choices, only the speed (benchmarks/README.md, "Cost model").
+from ._lanes cimport LANES
+
+cdef enum:
+    # Starting an OpenMP team costs tens of microseconds: calls with less work than this (output
+    # elements x samples per bin) per thread use fewer threads.
+    MIN_WORK_PER_THREAD = 1 << 14
+    # a table row costs well under a microsecond: fewer boxes per thread are not worth a team
+    MIN_BOXES_PER_TABLE_THREAD = 64
+    # channels-last scratch of the NCHW block loops, per thread
+    SCRATCH_BYTES = 64 << 20
+
+cdef extern from *:
+    """
+    /* The NCHW kernels copy blocks of LANES planes to channels-last scratch when the boxes take
+       at least this many samples (RoIAlign: bilinear samples; roi_pool: window pixels) per
+       feature pixel: the copy costs about one read of the map (measured on the benchmark
+       workloads). */
+    #define ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL 1.0
+    """
+    const double INTERLEAVE_MIN_SAMPLES_PER_PIXEL "ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL"
+
+
+cdef inline int threads_for_work(int wanted, double n_outputs, double sampling_ratio) noexcept nogil:
+    """Threads for a call of ``n_outputs`` output elements: at most ``wanted``, and one per
+    MIN_WORK_PER_THREAD samples (adaptive grids and whole-pixel bins counted as 2 x 2)."""
+    cdef double samples = sampling_ratio * sampling_ratio if sampling_ratio > 0 else 4
+    cdef double fit = n_outputs * samples / MIN_WORK_PER_THREAD
+    if fit < 1:
+        return 1
+    return wanted if fit >= wanted else <int>fit
+
+
+cdef inline int threads_for_tables(int n_threads, Py_ssize_t n_boxes) noexcept nogil:
+    """Threads that fill the sampling tables (or windows) of ``n_boxes`` boxes."""
+    cdef Py_ssize_t fit = n_boxes // MIN_BOXES_PER_TABLE_THREAD
+    return 1 if fit < 1 else (n_threads if fit >= n_threads else <int>fit)
+
+
+cdef inline bint blocks_pay(double samples, Py_ssize_t c, Py_ssize_t h, Py_ssize_t w,
+                            Py_ssize_t n, Py_ssize_t scratch_bytes, Py_ssize_t tasks,
+                            int n_threads, bint forward) noexcept nogil:
+    """Whether an NCHW call on one map of n images copies blocks of LANES planes to channels-last
+    scratch (vector code over channels) or reads the planes directly. Blocks pay when the boxes
+    take at least about one sample per feature pixel (the copy is one read of the map), when a
+    block is full (C >= LANES), and when the per-thread scratch fits SCRATCH_BYTES; the forward
+    also needs enough block ``tasks`` to keep the threads busy, since otherwise it splits the
+    boxes."""
+    if c < LANES or scratch_bytes > SCRATCH_BYTES:
+        return False
+    if forward and tasks < n_threads:
+        return False
+    return samples >= INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w
