@@ -15,6 +15,17 @@ __global__ void roi_align_forward(const T* __restrict__ features, RAC_PROBLEM_PA
     rac::forward_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), features, out, (int*)0);
 }
 
+// Multi-level (FPN): box k from level levels[k] (rac::Levels); the problem's H, W and
+// spatial_scale are unused, each level's are read from heights, widths and scales.
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_forward_levels(const rac::i64* __restrict__ maps, const int* __restrict__ heights,
+                                         const int* __restrict__ widths, const double* __restrict__ scales,
+                                         const rac::i64* __restrict__ levels, RAC_PROBLEM_PARAMS,
+                                         T* __restrict__ out) {
+    rac::forward_levels_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), rac::Levels{maps, heights, widths, scales, levels},
+                                                   out);
+}
+
 // The winning sample of every output of the max modes, for the gradients.
 template <typename T, int MODE, bool NHWC>
 __global__ void roi_align_argmax(const T* __restrict__ features, RAC_PROBLEM_PARAMS, int* __restrict__ argmax) {

@@ -55,6 +55,15 @@ __device__ __forceinline__ typename Geom::A pool_bin(const Geom& g, const Plane<
     return acc;
 }
 
+// Output o = (k, c, ph, pw) of the problem (arg: its winning sample in the max modes).
+template <int MODE, bool NHWC, typename Geom, typename T>
+__device__ __forceinline__ typename Geom::A pool_output(const Problem<typename Geom::A>& pb, const T* __restrict__ features,
+                                                        const Index4& o, int& arg) {
+    const Geom g = Geom::make(pb, o.n);
+    const Plane<const T> f = plane_of<NHWC>(features, pb.batch_idx[o.n], o.c, pb.C, pb.H, pb.W);
+    return pool_bin<MODE>(g, f, pb.H, pb.W, o.y, o.x, arg);
+}
+
 // out (K, C, PH, PW) or (K, PH, PW, C); either output pointer may be null.
 template <int MODE, bool NHWC, typename Geom, typename T>
 __device__ void forward_body(const Problem<typename Geom::A>& pb, const T* __restrict__ features, T* __restrict__ out,
@@ -63,12 +72,37 @@ __device__ void forward_body(const Problem<typename Geom::A>& pb, const T* __res
     const i64 total = (i64)pb.K * pb.C * pb.PH * pb.PW;
     RAC_GRID_STRIDE(i, total) {
         const Index4 o = split_index<NHWC>(i, pb.C, pb.PH, pb.PW);  // (k, c, ph, pw)
-        const Geom g = Geom::make(pb, o.n);
-        const Plane<const T> f = plane_of<NHWC>(features, pb.batch_idx[o.n], o.c, pb.C, pb.H, pb.W);
         int arg;
-        const A v = pool_bin<MODE>(g, f, pb.H, pb.W, o.y, o.x, arg);
+        const A v = pool_output<MODE, NHWC, Geom>(pb, features, o, arg);
         if (out) out[i] = from_acc<T>(v);
         if (argmax) argmax[i] = arg;
+    }
+}
+
+// The levels of a feature pyramid: level l's maps start at address maps[l] and have heights[l] x
+// widths[l] pixels at scale scales[l] (N and C are the problem's); box k lies on level levels[k].
+struct Levels {
+    const i64* maps;
+    const int* heights;
+    const int* widths;
+    const double* scales;
+    const i64* levels;
+};
+
+// The forward of every box from its level, all levels in one launch (the multi-level forward of
+// roialign_cy._multiscale): no per-level launch, gather or scatter of the output.
+template <int MODE, bool NHWC, typename Geom, typename T>
+__device__ void forward_levels_body(const Problem<typename Geom::A>& pb, const Levels& lv, T* __restrict__ out) {
+    const i64 total = (i64)pb.K * pb.C * pb.PH * pb.PW;
+    RAC_GRID_STRIDE(i, total) {
+        const Index4 o = split_index<NHWC>(i, pb.C, pb.PH, pb.PW);
+        const i64 l = lv.levels[o.n];
+        Problem<typename Geom::A> level = pb;
+        level.H = lv.heights[l];
+        level.W = lv.widths[l];
+        level.spatial_scale = lv.scales[l];
+        int arg;
+        out[i] = from_acc<T>(pool_output<MODE, NHWC, Geom>(level, (const T*)lv.maps[l], o, arg));
     }
 }
 

@@ -83,6 +83,8 @@ def _layout_kernels(prefix):
         return [(k, None) for k in (*kernels, "backward_features_atomic", "backward_features_gather")]
     rotated = prefix == "roi_align_rotated"
     kernels = [("forward", mode) for mode in (("avg",) if rotated else _MODES)]
+    if not rotated:  # the multi-level (FPN) forward
+        kernels += [("forward_levels", mode) for mode in _MODES]
     for mode in ("avg",) if rotated else _GRADIENT_MODES:
         if mode != "avg":
             kernels.append(("argmax", mode))
@@ -99,6 +101,14 @@ def name_expressions(source, scalar):
         for prefix in prefixes:
             names += [_kernel_name(k, scalar, prefix, mode, channels_last) for k, mode in _layout_kernels(prefix)]
     return names
+
+
+def _address(array):
+    """Device (CuPy) or host (numpy, under the host emulation) address of an array's data; 0 for
+    an empty one, which no box reads."""
+    if array.size == 0:
+        return 0
+    return array.data.ptr if hasattr(array.data, "ptr") else array.ctypes.data
 
 
 def _grid(total):
@@ -155,6 +165,22 @@ class _Ops:
         wide = self.xp.empty(out.size, np.int64)
         self._run(call, "forward_argmax", (features, *call.problem, out, wide), _grid(out.size))
         argmax[...] = wide.reshape(argmax.shape)
+
+    def forward_levels(self, maps, rois, batch_idx, level, scales, out, p):
+        """Pool box k from ``maps[level[k]]`` at scale ``scales[level[k]]`` into ``out``, every
+        level in one launch (roialign_cy._cpu.forward_levels' contract)."""
+        if out.size == 0:
+            return
+        xp = self.xp
+        shapes = [m.shape for m in maps]
+        call = _Call(shapes[0], maps[0].dtype, rois, batch_idx, p)
+        hw = (1, 2) if p.channels_last else (2, 3)
+        addresses = xp.asarray([_address(m) for m in maps], np.int64)
+        heights = xp.asarray([s[hw[0]] for s in shapes], np.int32)
+        widths = xp.asarray([s[hw[1]] for s in shapes], np.int32)
+        levels = (addresses, heights, widths, xp.asarray(scales, np.float64),
+                  xp.ascontiguousarray(level, np.int64))
+        self._run(call, "forward_levels", (*levels, *call.problem, out), _grid(out.size))
 
     def _argmax(self, call, features, n_outputs):
         """Winning sample of every output (RoIAlign's max mode), else an unused empty array; roi_pool's
@@ -330,6 +356,11 @@ def forward(features, rois, batch_idx, out, p, argmax=None):
         _ops().forward(features, rois, batch_idx, out, p, argmax)
 
 
+def forward_levels(maps, rois, batch_idx, level, scales, out, p):
+    with out.device:
+        _ops().forward_levels(maps, rois, batch_idx, level, scales, out, p)
+
+
 def backward_features(grad_out, features, rois, batch_idx, grad_features, p, argmax=None):
     with grad_features.device:
         _ops().backward_features(grad_out, features, rois, batch_idx, grad_features, p, argmax)
@@ -340,4 +371,4 @@ def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
         _ops().backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p)
 
 
-__all__ = ["forward", "backward_features", "backward_boxes", "source_dir", "name_expressions", "is_available"]
+__all__ = ["forward", "forward_levels", "backward_features", "backward_boxes", "source_dir", "name_expressions", "is_available"]

@@ -3,8 +3,8 @@
 The work is split in steps: validation of the levels (``_check_levels``), the level of each box
 (``assign_levels``), and the pooling itself (``_pool_levels`` / ``_unpool_levels``). On the CPU the
 pooling is one call of the multi-level kernels: every level's boxes in one parallel region, each
-written straight to its row of the output (no per-level gather or scatter). A backend without
-multi-level kernels (CUDA, for now) gets one single-level call per level.
+written straight to its row of the output (no per-level gather or scatter). On CUDA the forward is
+one launch over every level too; the CUDA gradients are computed one level at a time.
 """
 import math
 import numbers
@@ -167,11 +167,12 @@ def _prepare(features, boxes, spatial_scales, layout, batch_indices, backend, ca
                     backend), dtype
 
 
-def _levels_kernels(problem, kwargs):
+def _levels_kernels(problem, kwargs, entry):
     """(the backend's multi-level kernels, OpParams, the levels' C-contiguous maps) when the
-    backend has them, else None: then the levels are pooled one call each."""
+    backend has the multi-level ``entry`` ("forward_levels", "backward_features_levels"), else
+    None: then the levels are pooled one call each."""
     be = _backends.module(problem.backend)
-    if not hasattr(be, "forward_levels"):
+    if not hasattr(be, entry):
         return None
     # the scales are per level (problem.scales); OpParams' spatial_scale goes unused
     p = _api.params(False, kwargs["output_size"], 1.0, kwargs["sampling_ratio"],
@@ -179,7 +180,11 @@ def _levels_kernels(problem, kwargs):
                     deterministic=kwargs.get("deterministic", True),
                     n_threads=kwargs["n_threads"])
     max_samples = v.max_samples(kwargs["max_samples_per_bin"])
-    v.sample_bound(max_samples, *be.grid_sizes(problem.rois, p, problem.levels, problem.scales))
+    from . import _cpu  # the one statement of the grid rule (on host copies of CuPy boxes)
+
+    host = [a if isinstance(a, np.ndarray) else a.get() for a in (problem.rois, problem.levels)]
+    v.sample_bound(max_samples, *_cpu.grid_sizes(host[0], p, host[1].astype(np.int64),
+                                                 problem.scales))
     maps = [None if _is_shape(f) else v.features(f, kwargs["layout"], problem.backend)
             for f in problem.features]
     return be, p, maps
@@ -187,7 +192,7 @@ def _levels_kernels(problem, kwargs):
 
 def _pool_levels(problem, out, kwargs):
     """Pool every box from its level into ``out`` (box order)."""
-    kernels = _levels_kernels(problem, kwargs)
+    kernels = _levels_kernels(problem, kwargs, "forward_levels")
     if kernels is not None:
         be, p, maps = kernels
         be.forward_levels(maps, problem.rois, problem.batch_idx, problem.levels, problem.scales,
@@ -204,7 +209,7 @@ def _unpool_levels(problem, grad_output, wrt, dtype, kwargs):
     """Per-level feature gradients and the (K, 4) box gradient (None where not asked for)."""
     xp = v.xp_of(problem.backend)
     grad_rois = xp.zeros(problem.rois.shape, problem.rois.dtype) if wrt != "features" else None
-    kernels = _levels_kernels(problem, kwargs)
+    kernels = _levels_kernels(problem, kwargs, "backward_features_levels")
     if kernels is not None:
         be, p, maps = kernels
         if p.mode == "onnx_max":

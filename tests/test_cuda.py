@@ -373,6 +373,38 @@ def test_emulated_roi_align_matches_cpu(emu, rng, shape, scale, sampling_ratio, 
     compare_with_cpu(emu.ops, kernel, cpu, p, dtype)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_multi_level_forward_matches_cpu(emu, rng, mode, layout, dtype):
+    """The one-launch forward over every level of a pyramid (a level without boxes, an empty
+    one): the CPU's multi-level kernels' values, and one launch."""
+    N, C = 2, 3
+    shapes = [(N, C, 17, 21), (N, C, 9, 11), (N, C, 5, 6), (N, C, 0, 0)]
+    scales = [1.0, 0.5, 0.25, 0.125]
+    maps = [rng.standard_normal(s) for s in shapes]
+    boxes = np.concatenate([edge_case_boxes(rng, N, 17, 21), random_boxes(rng, 9, N, 17, 21)])
+    level = np.where(np.arange(len(boxes)) % 3 == 2, 2, np.arange(len(boxes)) % 2).astype(np.int64)
+    if layout == "NHWC":
+        maps = [to_nhwc(m) for m in maps]
+    kernel_rois = np.ascontiguousarray(boxes[:, 1:], np.float32 if dtype == np.float16 else dtype)
+    batch_idx = boxes[:, 0].astype(np.int64)
+    p = OpParams(3, 2, 1.0, 2, True, mode, channels_last=layout == "NHWC")
+    out_shape = (len(boxes), 3, 2, C) if layout == "NHWC" else (len(boxes), C, 3, 2)
+    got = np.full(out_shape, np.nan, dtype)
+    emu.launches.clear()
+    emu.ops.forward_levels([m.astype(dtype) for m in maps], kernel_rois, batch_idx, level, scales,
+                           got, p)
+    assert [name for name, _, _ in emu.launches] == [_cuda._kernel_name(
+        "forward_levels", _cuda.SCALARS[np.dtype(dtype).name], "roi_align", mode,
+        layout == "NHWC")]
+    want = np.empty(out_shape, cpu_dtype(dtype))
+    cpu_maps = [np.ascontiguousarray(m.astype(dtype).astype(cpu_dtype(dtype))) for m in maps]
+    _cpu.forward_levels(cpu_maps, kernel_rois.astype(cpu_dtype(dtype)), batch_idx, level, scales,
+                        want, p)
+    assert_close(got, want, dtype, "forward_levels")
+
+
 @pytest.mark.parametrize("shape, scale", SHAPES)
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("clockwise", [False, True])
