@@ -2,6 +2,7 @@
 # loops run over contiguous channels (vector code) as in the NHWC kernels.
 from cython cimport floating
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
 
 cdef extern from *:
     """
@@ -187,3 +188,42 @@ cdef inline void add_deinterleaved(const floating* block, Py_ssize_t plane_size,
         roialign_deinterleave_f32(block, plane_size, n_planes, planes, plane_size, 1)
     else:
         roialign_deinterleave_f64(block, plane_size, n_planes, planes, plane_size, 1)
+
+
+cdef struct Scratch:
+    # one thread's buffers of a block loop (NULL where none was asked for or malloc failed)
+    void* a
+    void* b
+    void* c
+    bint ok
+
+
+cdef inline Scratch scratch_open(size_t* failed, size_t a, size_t b, size_t c=0) noexcept nogil:
+    """This thread's buffers of a, b and c bytes (0: none). Called inside the parallel region, so
+    that no two threads share a buffer, and returned rather than filled through a pointer: Cython
+    makes a variable private to each thread only where the region assigns it. When a malloc fails,
+    ``ok`` is False (the thread must skip its tasks) and ``*failed``, a variable shared by the
+    threads, is set to the bytes asked for."""
+    cdef Scratch s
+    s.a = malloc(a) if a else NULL
+    s.b = malloc(b) if b else NULL
+    s.c = malloc(c) if c else NULL
+    s.ok = not ((a and s.a == NULL) or (b and s.b == NULL) or (c and s.c == NULL))
+    if not s.ok:
+        failed[0] = a + b + c  # every thread that fails writes the same value
+    return s
+
+
+cdef inline void scratch_close(Scratch* s) noexcept nogil:
+    free(s.a)
+    free(s.b)
+    free(s.c)
+    s.a = s.b = s.c = NULL
+
+
+cdef inline int check_scratch(size_t failed) except -1:
+    """After the parallel region: MemoryError when a thread's scratch (``failed`` bytes) could
+    not be allocated."""
+    if failed:
+        raise MemoryError(f"cannot allocate {failed} bytes of per-thread scratch")
+    return 0

@@ -24,14 +24,15 @@ the run of image n of that level starts.
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int64_t, uint8_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
 import numpy as np
 
 from ._openmp import effective_n_threads
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
-from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
+from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
+                      deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
@@ -515,8 +516,7 @@ def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
     with nogil:
         failed = pool_boxes(M, L, N, C, PH, PW, &R, &t.ts, &out[0, 0, 0, 0], mode, channels_last,
                             &blocks[0], n_threads)
-    if failed:
-        raise MemoryError(f"cannot allocate {failed} bytes of per-thread scratch")
+    check_scratch(failed)
 
 
 cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t C, Py_ssize_t PH,
@@ -544,7 +544,8 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
             scratch_px = M[l].H * M[l].W
     cdef floating* scratch
     cdef floating* obuf
-    cdef int alloc_failed[1]
+    cdef Scratch s
+    cdef size_t failed = 0
     cdef BlockTask bt
     if scratch_px == 0:
         # no level pays for the channels-last copy: split (box, PLANE_BLOCK planes) pairs over
@@ -564,14 +565,13 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
     # block into a channels-last scratch once and pool all its boxes from it with vector code;
     # the others pool straight from the planes
     nblocks = (C + LANES - 1) // LANES
-    alloc_failed[0] = 0
     with parallel(num_threads=n_threads):
-        scratch = <floating*>malloc(scratch_px * LANES * sizeof(floating))
-        obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        s = scratch_open(&failed, scratch_px * LANES * sizeof(floating),
+                         PH * PW * LANES * sizeof(floating))
+        scratch, obuf = <floating*>s.a, <floating*>s.b
         for task in prange(L * N * nblocks, schedule="dynamic"):
-            if scratch == NULL or obuf == NULL:
-                alloc_failed[0] = 1  # reported after the parallel region
-                continue
+            if not s.ok:
+                continue  # reported after the parallel region
             bt = block_task(task, nblocks, C, R.key_start, j0, j1)
             l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
             H, W = M[l].H, M[l].W
@@ -590,11 +590,8 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
                     pool_box_planes(X + cc * H * W, H * W,
                                     nb - cc if nb - cc < PLANE_BLOCK else PLANE_BLOCK, W,
                                     O + (k * C + c + cc) * PH * PW, PH, PW, &A, mode)
-        free(scratch)
-        free(obuf)
-    if alloc_failed[0]:
-        return scratch_px * LANES * sizeof(floating)
-    return 0
+        scratch_close(&s)
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,17 +696,17 @@ def backward_features(const floating[:, :, :, ::1] grad_out, list maps, list gra
     cdef floating* gscratch
     cdef floating* fscratch
     cdef floating* gbuf
-    cdef int alloc_failed[1]
+    cdef Scratch s
+    cdef size_t failed = 0
     cdef BlockTask bt
-    alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
-        gscratch = <floating*>malloc((scratch_px * LANES + 1) * sizeof(floating))
-        fscratch = <floating*>malloc(((scratch_px * LANES if mode != MODE_AVG else 0) + 1) * sizeof(floating))
-        gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        s = scratch_open(&failed, (scratch_px * LANES + 1) * sizeof(floating),
+                         ((scratch_px * LANES if mode != MODE_AVG else 0) + 1) * sizeof(floating),
+                         PH * PW * LANES * sizeof(floating))
+        gscratch, fscratch, gbuf = <floating*>s.a, <floating*>s.b, <floating*>s.c
         for task in prange(L * N * nblocks, schedule="dynamic"):
-            if gscratch == NULL or fscratch == NULL or gbuf == NULL:
-                alloc_failed[0] = 1  # reported after the parallel region
-                continue
+            if not s.ok:
+                continue  # reported after the parallel region
             bt = block_task(task, nblocks, C, &key_start[0], j0, j1)
             l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
             if lo >= hi:
@@ -734,12 +731,8 @@ def backward_features(const floating[:, :, :, ::1] grad_out, list maps, list gra
                 interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                 scatter_box_nhwc(gscratch, fscratch, W, LANES, LANES, gbuf, PH, PW, &A, mode)
             add_deinterleaved(gscratch, H * W, nb, G)
-        free(gscratch)
-        free(fscratch)
-        free(gbuf)
-    if alloc_failed[0]:
-        raise MemoryError(f"cannot allocate {scratch_px * LANES * sizeof(floating)} bytes "
-                          "of per-thread scratch")
+        scratch_close(&s)
+    check_scratch(failed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,16 +913,16 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, list maps, const float
     cdef double[::1] partial = np.zeros((j1 - j0) * nblocks * 4 + 1)
     cdef floating* scratch
     cdef floating* gbuf
-    cdef int alloc_failed[1]
+    cdef Scratch s
+    cdef size_t failed = 0
     cdef BlockTask bt
-    alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
-        scratch = <floating*>malloc((scratch_px * LANES + 1) * sizeof(floating))
-        gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        s = scratch_open(&failed, (scratch_px * LANES + 1) * sizeof(floating),
+                         PH * PW * LANES * sizeof(floating))
+        scratch, gbuf = <floating*>s.a, <floating*>s.b
         for task in prange(L * N * nblocks, schedule="dynamic"):
-            if scratch == NULL or gbuf == NULL:
-                alloc_failed[0] = 1  # reported after the parallel region
-                continue
+            if not s.ok:
+                continue  # reported after the parallel region
             bt = block_task(task, nblocks, C, &key_start[0], j0, j1)
             l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
             if lo >= hi:
@@ -954,11 +947,8 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, list maps, const float
                     else:
                         box_grad_channel(X + cc * H * W, 1, W, GO + (k * C + c + cc) * PH * PW, 1,
                                          PH, PW, &A, mode, acc)
-        free(scratch)
-        free(gbuf)
-    if alloc_failed[0]:
-        raise MemoryError(f"cannot allocate {scratch_px * LANES * sizeof(floating)} bytes "
-                          "of per-thread scratch")
+        scratch_close(&s)
+    check_scratch(failed)
     for j in prange(j0, j1, nogil=True, schedule="static", num_threads=n_threads):
         q = j - j0
         for i in range(1, nblocks):
@@ -1270,6 +1260,5 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     free(block)
     free(ints)
     free(weights)
-    if failed:
-        raise MemoryError(f"cannot allocate {failed} bytes of per-thread scratch")
+    check_scratch(failed)
     return out

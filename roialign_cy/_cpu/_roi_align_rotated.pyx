@@ -17,13 +17,13 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport M_PI, cos, sin
 from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 import numpy as np
 
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
-from ._lanes cimport LANES, BlockTask, block_task, add_deinterleaved, deinterleave_bins, interleave_planes
+from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
+                      deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 
 
 cdef struct Frame:
@@ -234,9 +234,10 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     cdef const Py_ssize_t[::1] idx = t.idx, off = t.off, nv = t.nv, boff = t.boff
     cdef const floating[::1] w = t.w
     cdef floating* scratch
-    cdef int alloc_failed[1]
-    cdef BlockTask bt
     cdef floating* obuf
+    cdef Scratch s
+    cdef size_t failed = 0
+    cdef BlockTask bt
     if channels_last:
         N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
         PH, PW = out.shape[1], out.shape[2]
@@ -250,14 +251,13 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
     PH, PW = out.shape[2], out.shape[3]
     if interleave:
         blocks = (C + LANES - 1) // LANES
-        alloc_failed[0] = 0
         with nogil, parallel(num_threads=n_threads):
-            scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
-            obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+            s = scratch_open(&failed, H * W * LANES * sizeof(floating),
+                             PH * PW * LANES * sizeof(floating))
+            scratch, obuf = <floating*>s.a, <floating*>s.b
             for task in prange(N * blocks, schedule="dynamic"):
-                if scratch == NULL or obuf == NULL:
-                    alloc_failed[0] = 1  # reported after the parallel region
-                    continue
+                if not s.ok:
+                    continue  # reported after the parallel region
                 bt = block_task(task, blocks, C, &img_start[0], j0, j1)
                 n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
@@ -267,11 +267,8 @@ def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
                     pool_samples(scratch, LANES, LANES, obuf, LANES, nbins, gh[k] * gw[k],
                                  &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
                     deinterleave_bins(obuf, nbins, nb, O + (k * C + c) * PH * PW + b0, PH * PW)
-            free(scratch)
-            free(obuf)
-        if alloc_failed[0]:
-            raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
-                              "of per-thread scratch")
+            scratch_close(&s)
+        check_scratch(failed)
     else:
         for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
             k, q, b0 = order[j], j - j0, bin0[j]
@@ -296,9 +293,10 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
     cdef const Py_ssize_t[::1] idx = t.idx, off = t.off, nv = t.nv, boff = t.boff
     cdef const floating[::1] w = t.w
     cdef floating* gscratch
-    cdef int alloc_failed[1]
-    cdef BlockTask bt
     cdef floating* gbuf
+    cdef Scratch s
+    cdef size_t failed = 0
+    cdef BlockTask bt
     if channels_last:
         N, H, W, C = grad_features.shape[0], grad_features.shape[1], grad_features.shape[2], grad_features.shape[3]
         PH, PW = grad_out.shape[1], grad_out.shape[2]
@@ -324,14 +322,13 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
                                 gh[k] * gw[k], &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
         return
     blocks = (C + LANES - 1) // LANES
-    alloc_failed[0] = 0
     with nogil, parallel(num_threads=n_threads):
-        gscratch = <floating*>malloc(H * W * LANES * sizeof(floating))
-        gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+        s = scratch_open(&failed, H * W * LANES * sizeof(floating),
+                         PH * PW * LANES * sizeof(floating))
+        gscratch, gbuf = <floating*>s.a, <floating*>s.b
         for task in prange(N * blocks, schedule="dynamic"):
-            if gscratch == NULL or gbuf == NULL:
-                alloc_failed[0] = 1  # reported after the parallel region
-                continue
+            if not s.ok:
+                continue  # reported after the parallel region
             bt = block_task(task, blocks, C, &img_start[0], j0, j1)
             n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
             memset(gscratch, 0, H * W * LANES * sizeof(floating))
@@ -342,11 +339,8 @@ def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] 
                 scatter_samples(gscratch, LANES, LANES, gbuf, LANES, nbins, gh[k] * gw[k],
                                 &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
             add_deinterleaved(gscratch, H * W, nb, G + (n * C + c) * H * W)
-        free(gscratch)
-        free(gbuf)
-    if alloc_failed[0]:
-        raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
-                          "of per-thread scratch")
+        scratch_close(&s)
+    check_scratch(failed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +460,8 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
     cdef const floating* X = &features[0, 0, 0, 0]
     cdef floating* scratch
     cdef floating* gbuf
-    cdef int alloc_failed[1]
+    cdef Scratch s
+    cdef size_t failed = 0
     cdef BlockTask bt
     cdef double[:, ::1] partial
     if channels_last:
@@ -483,14 +478,13 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
         PH, PW = grad_out.shape[2], grad_out.shape[3]
         blocks = (C + LANES - 1) // LANES
         partial = np.zeros((K * blocks, 5))
-        alloc_failed[0] = 0
         with nogil, parallel(num_threads=n_threads):
-            scratch = <floating*>malloc((H * W * LANES if interleave else 1) * sizeof(floating))
-            gbuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
+            s = scratch_open(&failed, (H * W * LANES if interleave else 1) * sizeof(floating),
+                             PH * PW * LANES * sizeof(floating))
+            scratch, gbuf = <floating*>s.a, <floating*>s.b
             for task in prange(N * blocks, schedule="dynamic"):
-                if scratch == NULL or gbuf == NULL:
-                    alloc_failed[0] = 1  # reported after the parallel region
-                    continue
+                if not s.ok:
+                    continue  # reported after the parallel region
                 bt = block_task(task, blocks, C, &img_start[0], 0, K)
                 n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
                 if interleave:
@@ -507,11 +501,8 @@ def backward_boxes(const floating[:, :, :, ::1] grad_out, const floating[:, :, :
                                  X + (n * C + c) * H * W, 1, H * W, nb, H, W,
                                  GO + (k * C + c) * PH * PW, 1, PH * PW, False, PH, PW, gh[k],
                                  gw[k], scale, aligned, clockwise)
-            free(scratch)
-            free(gbuf)
-        if alloc_failed[0]:
-            raise MemoryError(f"cannot allocate {H * W * LANES * sizeof(floating)} bytes "
-                              "of per-thread scratch")
+            scratch_close(&s)
+        check_scratch(failed)
     for k in prange(K, nogil=True, schedule="static", num_threads=n_threads):
         add_partials(&grad_rois[k, 0], &partial[k * blocks, 0], blocks)
 

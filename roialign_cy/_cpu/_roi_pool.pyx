@@ -17,14 +17,14 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport ceil, floor, round
 from libc.stdint cimport int32_t, int64_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport calloc, free
 from libc.string cimport memset
 
 import numpy as np
 
 from ._geometry cimport takes_max
-from ._lanes cimport (LANES, BlockTask, add_deinterleaved, block_task, deinterleave_bins,
-                      interleave_planes)
+from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
+                      deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
 from ._calls cimport (SMALL_BOXES, SMALL_IMAGES, float_size, plain_flag, plain_layout,
@@ -475,16 +475,15 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef int64_t* abuf
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef BlockTask bt
-    cdef int failed[1]
-    failed[0] = 0
+    cdef Scratch s
+    cdef size_t failed = 0
     with nogil, parallel(num_threads=n_threads):
-        scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
-        obuf = <floating*>malloc(PH * PW * LANES * sizeof(floating))
-        abuf = <int64_t*>malloc(LANES * sizeof(int64_t))
+        s = scratch_open(&failed, H * W * LANES * sizeof(floating),
+                         PH * PW * LANES * sizeof(floating), LANES * sizeof(int64_t))
+        scratch, obuf, abuf = <floating*>s.a, <floating*>s.b, <int64_t*>s.c
         for task in prange(N * nblocks, schedule="dynamic"):
-            if scratch == NULL or obuf == NULL or abuf == NULL:
-                failed[0] = 1  # reported after the parallel region
-                continue
+            if not s.ok:
+                continue  # reported after the parallel region
             bt = block_task(task, nblocks, C, &img_start[0], 0, order.shape[0])
             n, c, nb = bt.n, bt.c, bt.nb
             if bt.lo == bt.hi:
@@ -513,11 +512,8 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                                 o[l] = scratch[abuf[l] * LANES + l]
                                 AM[((k * C + c + l) * PH + ph) * PW + pw] = <int32_t>abuf[l]
                 deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
-        free(scratch)
-        free(obuf)
-        free(abuf)
-    if failed[0]:
-        raise MemoryError("roi_pool: no memory for the per-thread channels-last scratch")
+        scratch_close(&s)
+    check_scratch(failed)
 
 
 def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,
@@ -539,16 +535,15 @@ def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
     cdef floating* gblock
     cdef int64_t* arg
     cdef BlockTask bt
-    cdef int failed[1]
-    failed[0] = 0
+    cdef Scratch s
+    cdef size_t failed = 0
     with nogil, parallel(num_threads=n_threads):
-        scratch = <floating*>malloc(H * W * LANES * sizeof(floating))
-        gblock = <floating*>malloc(H * W * LANES * sizeof(floating))
-        arg = <int64_t*>malloc(LANES * sizeof(int64_t))
+        s = scratch_open(&failed, H * W * LANES * sizeof(floating),
+                         H * W * LANES * sizeof(floating), LANES * sizeof(int64_t))
+        scratch, gblock, arg = <floating*>s.a, <floating*>s.b, <int64_t*>s.c
         for task in prange(N * nblocks, schedule="dynamic"):
-            if scratch == NULL or gblock == NULL or arg == NULL:
-                failed[0] = 1
-                continue
+            if not s.ok:
+                continue  # reported after the parallel region
             bt = block_task(task, nblocks, C, &img_start[0], 0, order.shape[0])
             n, c, nb = bt.n, bt.c, bt.nb
             if bt.lo == bt.hi:
@@ -568,11 +563,8 @@ def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
                             for l in range(nb):
                                 gblock[arg[l] * LANES + l] += g[l * PH * PW + ph * PW + pw]
             add_deinterleaved(gblock, H * W, nb, GX + (n * C + c) * H * W)
-        free(scratch)
-        free(gblock)
-        free(arg)
-    if failed[0]:
-        raise MemoryError("roi_pool: no memory for the per-thread channels-last scratch")
+        scratch_close(&s)
+    check_scratch(failed)
 
 
 def backward_argmax(const floating[:, :, :, ::1] grad_out, const int32_t[:, :, :, ::1] argmax,
