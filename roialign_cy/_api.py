@@ -97,9 +97,34 @@ def _fixed_params(op, mode, aligned, sampling_ratio):
     return fixed
 
 
-def params(rotated, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
-           clockwise=False, deterministic=True, n_threads=None, op="roi_align",
-           edge="torchvision"):
+# OpParams of the scalar arguments already checked, keyed by their types and values (1 == True
+# and 0.25 == np.float32(0.25) in Python, but not as arguments); unhashable ones are not kept
+_PARAMS = {}
+_PARAMS_KEPT = 256
+
+
+def params(*args, **kwargs):
+    """The scalar arguments of any operator, checked -> OpParams (see ``_check_params``); a
+    call repeats its scalars, so each combination is checked once."""
+    try:
+        key = (tuple((type(a), a) for a in args),
+               tuple((k, type(a), a) for k, a in sorted(kwargs.items())))
+        return _PARAMS[key]
+    except (KeyError, TypeError):
+        pass
+    checked = _check_params(*args, **kwargs)
+    try:
+        if len(_PARAMS) >= _PARAMS_KEPT:
+            _PARAMS.clear()
+        _PARAMS[key] = checked
+    except TypeError:
+        pass
+    return checked
+
+
+def _check_params(rotated, output_size, spatial_scale, sampling_ratio, aligned, mode, layout,
+                  clockwise=False, deterministic=True, n_threads=None, op="roi_align",
+                  edge="torchvision"):
     """The scalar arguments of any operator, checked -> OpParams. roi_pool and ps_roi_pool take
     no sampling_ratio or aligned (pass 0 and False); ps_roi_align is always aligned."""
     layout = v.check_choice("layout", layout, v.LAYOUTS)

@@ -667,3 +667,19 @@ def test_empty_inputs(op):
 
 def test_nested_list_features():
     np.testing.assert_array_equal(roi_align(X.tolist(), AXIS_BOXES, PS), roi_align(X, AXIS_BOXES, PS))
+
+
+def test_remembered_scalar_checks_tell_types_apart():
+    """The scalar checks are kept per combination of types and values: 1 == True and
+    0.25 == np.float32(0.25) for Python, not for the checks."""
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    g = np.zeros((1, 1, 2, 2), np.float32)
+    boxes = np.array([[0, 0, 0, 2, 2]], np.float32)
+    for _ in range(2):  # the second round runs on remembered checks
+        roi_align_backward(g, x, boxes, 2, 1.0, 2, True)
+        with pytest.raises(TypeError, match="aligned must be a bool"):
+            roi_align_backward(g, x, boxes, 2, 1.0, 2, 1)
+        with pytest.raises(TypeError, match="sampling_ratio must be an integer"):
+            roi_align_backward(g, x, boxes, 2, 1.0, 2.0, True)
+        with pytest.raises(ValueError, match="output_size"):
+            roi_align_backward(g, x, boxes, [2, 0], 1.0, 2, True)
