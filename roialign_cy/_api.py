@@ -1,5 +1,5 @@
 """The public operators: validate once into a plan, then run it (allocate, call the kernel)."""
-from typing import Any, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -99,7 +99,7 @@ def _fixed_params(op, mode, aligned, sampling_ratio):
 
 # OpParams of the scalar arguments already checked, keyed by their types and values (1 == True
 # and 0.25 == np.float32(0.25) in Python, but not as arguments); unhashable ones are not kept
-_PARAMS = {}
+_PARAMS: Dict[Any, OpParams] = {}
 _PARAMS_KEPT = 256
 
 
@@ -424,6 +424,11 @@ def roi_align_rotated(features: ArrayLike, boxes: Boxes, output_size: OutputSize
 
     Other arguments and the output are as in :func:`roi_align` (average pooling).
     """
+    pooled = _one_pass("_roi_align_rotated", out, batch_indices, backend, features, boxes,
+                       output_size, spatial_scale, sampling_ratio, aligned, clockwise, layout,
+                       n_threads, max_samples_per_bin, allow_inverted)
+    if pooled is not None:
+        return pooled
     return _forward("roi_align_rotated", features, boxes, output_size, spatial_scale,
                     sampling_ratio, aligned, "avg", layout, batch_indices, backend, n_threads, out,
                     max_samples_per_bin, clockwise=clockwise, allow_inverted=allow_inverted)

@@ -1,5 +1,6 @@
 """The one-pass path of small forward calls (``forward_small`` of roialign_cy._cpu._roi_align:
-roi_align, ps_roi_align; of _roi_pool: roi_pool, ps_roi_pool).
+roi_align, ps_roi_align; of _roi_align_rotated: roi_align_rotated; of _roi_pool: roi_pool,
+ps_roi_pool).
 
 A plain call with few boxes is checked, planned and pooled in one compiled pass. It must give the
 general path's bits for every parameter and loop order, take the plain calls (and only them), and
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 
 import roialign_cy
-from conftest import edge_case_boxes, make_features, random_boxes, split_batch, to_nhwc
+from conftest import (edge_case_boxes, make_features, random_boxes, random_rotated_boxes,
+                      split_batch, to_nhwc)
 from reference import roi_align_ref
 from roialign_cy import _api
-from roialign_cy._cpu import _roi_align, _roi_pool
+from roialign_cy._cpu import _roi_align, _roi_align_rotated, _roi_pool
 
 
 def _general(features, boxes, *args, **kwargs):
@@ -42,7 +44,7 @@ def one_pass(monkeypatch):
             taken.append(result is not None)
             return result
 
-    for name in ("_roi_align", "_roi_pool"):
+    for name in ("_roi_align", "_roi_align_rotated", "_roi_pool"):
         monkeypatch.setattr(_cpu, name, Recorded(getattr(_cpu, name)))
     return taken
 
@@ -306,3 +308,59 @@ def test_family_bad_input_gets_the_general_paths_message(rng, one_pass, fn, args
     with pytest.raises((ValueError, TypeError), match=message):
         fn(x, boxes, *args, **({"layout": bad["layout"]} if "layout" in bad else {}))
     assert one_pass == [False]
+
+
+# ---------------------------------------------------------------------------------------------
+# rotated boxes
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("aligned, clockwise, sampling_ratio", [(True, False, 2), (False, True, -1),
+                                                                (True, True, 0)])
+@pytest.mark.parametrize("N, C, K", [(1, 3, 1), (2, 20, 40), (3, 2, 7)])
+def test_rotated_same_bits_as_the_general_path(rng, one_pass, dtype, layout, aligned, clockwise,
+                                               sampling_ratio, N, C, K):
+    """Rotated boxes partly outside the map, on every loop order (C = 20 on a small map with 40
+    boxes: blocks of planes), at 1 and 3 threads: the general path's bits."""
+    H, W = 9, 12
+    x = make_features(rng, N, C, H, W, dtype)
+    boxes = random_rotated_boxes(rng, K, N, H, W, 0.5).astype(dtype)
+    if layout == "NHWC":
+        x = to_nhwc(x)
+    args = ((3, 2), 0.5, sampling_ratio, aligned)
+    for n_threads in (1, 3):
+        got = roialign_cy.roi_align_rotated(x, boxes, *args, clockwise=clockwise, layout=layout,
+                                            n_threads=n_threads)
+        out = np.full(got.shape, np.nan, dtype)
+        want = roialign_cy.roi_align_rotated(x, boxes, *args, clockwise=clockwise,
+                                             layout=layout, n_threads=n_threads, out=out)
+        np.testing.assert_array_equal(got, want)
+    assert one_pass == [True, True]  # (out= never reaches the one-pass call)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"box": [0, 3, 3, 2, np.inf, 10]}, "boxes must be finite"),
+    ({"box": [1.5, 3, 3, 2, 2, 10]}, "whole numbers"),
+    ({"box": [0, 3, 3, -2, 2, 10]}, "w >= 0 and h >= 0"),
+    ({"clockwise": 1}, "clockwise must be a bool"),
+    ({"max_samples_per_bin": 2}, "sampling grid too large"),
+])
+def test_rotated_bad_input_gets_the_general_paths_message(rng, one_pass, bad, message):
+    x = make_features(rng, 1, 2, 8, 8, np.float32)
+    boxes = random_rotated_boxes(rng, 3, 1, 8, 8).astype(np.float32)
+    kwargs = {k: v for k, v in bad.items() if k != "box"}
+    if "box" in bad:
+        boxes[1] = bad["box"]
+    with pytest.raises((ValueError, TypeError), match=message):
+        roialign_cy.roi_align_rotated(x, boxes, 2, 1.0, 2, **kwargs)
+    assert one_pass == [False]
+
+
+def test_rotated_inverted_boxes_with_allow_inverted(rng, one_pass):
+    x = make_features(rng, 1, 2, 8, 8)
+    boxes = np.array([[0, 4, 4, -3, 2, 30], [0, 4, 4, 3, -2, -60]], np.float64)
+    got = roialign_cy.roi_align_rotated(x, boxes, 2, 1.0, -1, False, allow_inverted=True)
+    want = roialign_cy.roi_align_rotated(x, boxes, 2, 1.0, -1, False, allow_inverted=True,
+                                         out=np.empty_like(got))
+    np.testing.assert_array_equal(got, want)
+    assert one_pass == [True]

@@ -6,6 +6,7 @@
 from cython cimport floating
 from libc.math cimport floor, isfinite
 from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc
 
 cdef enum:
     # the one-pass calls take at most this many boxes and images (past them the general path's
@@ -80,24 +81,27 @@ cdef inline int float_size(object features, object boxes, object ndarray, object
 
 
 cdef inline bint scan_boxes(const floating[:, :] b, Py_ssize_t n_images, bint check_order,
-                            floating* coords, int64_t* batch) noexcept nogil:
-    """(K, 5) [batch_index, x1, y1, x2, y2] rows: every value finite, batch indices whole and in
-    [0, n_images), and with ``check_order`` no inverted box. Writes the (K, 4) coordinates and
-    the batch indices."""
-    cdef Py_ssize_t k, s
+                            floating* coords, int64_t* batch, bint rotated=False) noexcept nogil:
+    """(K, 5) [batch_index, x1, y1, x2, y2] rows (rotated: (K, 6) [batch_index, cx, cy, w, h,
+    angle]): every value finite, batch indices whole and in [0, n_images), and with
+    ``check_order`` no inverted box (rotated: w >= 0 and h >= 0). Writes the (K, 4) (rotated:
+    (K, 5)) coordinates and the batch indices."""
+    cdef Py_ssize_t k, s, width = 5 if rotated else 4
     cdef double bi
     for k in range(b.shape[0]):
-        for s in range(5):
+        for s in range(width + 1):
             if not isfinite(b[k, s]):
                 return False
         bi = b[k, 0]
         if bi != floor(bi) or bi < 0 or bi >= n_images:
             return False
-        if check_order and (b[k, 3] < b[k, 1] or b[k, 4] < b[k, 2]):
+        if check_order and rotated and (b[k, 3] < 0 or b[k, 4] < 0):
+            return False
+        if check_order and not rotated and (b[k, 3] < b[k, 1] or b[k, 4] < b[k, 2]):
             return False
         batch[k] = <int64_t>bi
-        for s in range(4):
-            coords[4 * k + s] = b[k, s + 1]
+        for s in range(width):
+            coords[width * k + s] = b[k, s + 1]
     return True
 
 
@@ -116,3 +120,29 @@ cdef inline void sort_by_image(const int64_t* batch, Py_ssize_t K, Py_ssize_t n_
     for n in range(n_images, 0, -1):
         image_start[n] = image_start[n - 1]
     image_start[0] = 0
+
+
+cdef struct Sizes:
+    # a small call: K boxes on N images of C channels and H x W pixels
+    Py_ssize_t K, N, C, H, W
+
+
+cdef inline bint small_sizes(Sizes* z, const Py_ssize_t* box_shape, Py_ssize_t box_width,
+                             const Py_ssize_t* map_shape, bint channels_last) noexcept nogil:
+    """The sizes of a small call: (K, 1 + box_width) boxes, at most SMALL_BOXES of them and
+    SMALL_IMAGES images, and no empty map (the general path says what an empty one means)."""
+    z.K, z.N = box_shape[0], map_shape[0]
+    if channels_last:
+        z.H, z.W, z.C = map_shape[1], map_shape[2], map_shape[3]
+    else:
+        z.C, z.H, z.W = map_shape[1], map_shape[2], map_shape[3]
+    return (box_shape[1] == box_width + 1 and 0 < z.K <= SMALL_BOXES and 0 < z.N <= SMALL_IMAGES
+            and z.C > 0 and z.H > 0 and z.W > 0)
+
+
+cdef inline int64_t* small_block(Py_ssize_t n) except NULL:
+    """n zeroed 8-byte slots for a small call's per-box arrays (the caller frees them)."""
+    cdef int64_t* block = <int64_t*>calloc(n, 8)
+    if block == NULL:
+        raise MemoryError("cannot allocate the tables of a small call")
+    return block

@@ -36,8 +36,9 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
-from ._calls cimport (SMALL_BOXES, SMALL_IMAGES, float_size, plain_flag, plain_int, plain_layout,
-                      plain_output_size, plain_scale, plain_threads, scan_boxes, sort_by_image)
+from ._calls cimport (Sizes, float_size, plain_flag, plain_int, plain_layout, plain_output_size,
+                      plain_scale, plain_threads, scan_boxes, small_block, small_sizes,
+                      sort_by_image)
 
 cdef enum:
     MODE_AVG = 0
@@ -1167,22 +1168,18 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
                           Py_ssize_t PW, double scale, Py_ssize_t sr, bint aligned, int mode,
                           bint channels_last, int wanted, double limit, bint check_order,
                           bint position_sensitive):
-    cdef Py_ssize_t K = b.shape[0], N = x.shape[0], k
-    cdef Py_ssize_t C = x.shape[3] if channels_last else x.shape[1]
-    cdef Py_ssize_t H = x.shape[1] if channels_last else x.shape[2]
-    cdef Py_ssize_t W = x.shape[2] if channels_last else x.shape[3]
-    cdef Py_ssize_t Co = C // (PH * PW) if position_sensitive else C
-    if b.shape[1] != 5 or not (0 < K <= SMALL_BOXES) or not (0 < N <= SMALL_IMAGES):
+    cdef Sizes z
+    if not small_sizes(&z, b.shape, 4, x.shape, channels_last):
         return None
-    if Co == 0 or H == 0 or W == 0 or <double>K * C * PH * PW > <double>SMALL_TABLE_ENTRIES * SMALL_TABLE_ENTRIES:
+    cdef Py_ssize_t K = z.K, N = z.N, C = z.C, H = z.H, W = z.W, k
+    cdef Py_ssize_t Co = C // (PH * PW) if position_sensitive else C
+    if <double>K * C * PH * PW > <double>SMALL_TABLE_ENTRIES * SMALL_TABLE_ENTRIES:
         return None  # (an output that large is the general path's MemoryError)
     if position_sensitive and C % (PH * PW):
         return None
     # per-box arrays in one block: batch, gh, gw, level (0), order, key_start (N + 1), offsets
     # (2 (K + 1)), then the (K, 4) coordinates
-    cdef int64_t* block = <int64_t*>calloc(7 * K + N + 3 + 4 * K, 8)
-    if block == NULL:
-        raise MemoryError("cannot allocate the tables of a small call")
+    cdef int64_t* block = small_block(7 * K + N + 3 + 4 * K)
     cdef int64_t* batch = block
     cdef int64_t* gh = block + K
     cdef int64_t* gw = block + 2 * K

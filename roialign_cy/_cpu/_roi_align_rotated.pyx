@@ -24,6 +24,13 @@ import numpy as np
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
 from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
+from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
+from ._calls cimport (Sizes, float_size, plain_flag, plain_int, plain_layout, plain_output_size,
+                      plain_scale, plain_threads, scan_boxes, small_block, small_sizes,
+                      sort_by_image)
+from libc.stdlib cimport calloc, free
+
+from ._openmp import effective_n_threads
 
 
 cdef struct Frame:
@@ -222,60 +229,99 @@ cdef void scatter_samples(floating* gimage, Py_ssize_t cs, Py_ssize_t nc, const 
                 q11[c] += gp[c] * w11
 
 
+cdef struct Pieces:
+    # The pieces of a call sorted by image: piece j (j0 <= j < j1) is bins bin0[j]..bin1[j] of
+    # box order[j]; image n's pieces start at img_start[n]. Their sample tables (make_tables):
+    # piece q = j - j0 has its samples from slot off[q] and its bins' valid counts at nv[boff[q]];
+    # w holds the weights in the kernel's dtype.
+    const int64_t* batch_idx
+    const int64_t* order
+    const int64_t* bin0
+    const int64_t* bin1
+    const int64_t* img_start
+    const int64_t* gh
+    const int64_t* gw
+    Py_ssize_t j0, j1
+    const Py_ssize_t* idx
+    const Py_ssize_t* off
+    const Py_ssize_t* nv
+    const Py_ssize_t* boff
+    const char* w
+
+
 def forward(const floating[:, :, :, ::1] features, const int64_t[::1] batch_idx,
             const int64_t[::1] order, const int64_t[::1] bin0, const int64_t[::1] bin1,
             const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1, const int64_t[::1] gh,
             const int64_t[::1] gw, _Samples t, floating[:, :, :, ::1] out, bint channels_last,
             bint interleave, int n_threads):
-    """Pool the pieces at sorted positions j0..j1 (box order[j], bins bin0[j]..bin1[j])."""
-    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, nb, j, k, q, lo, hi, task, blocks, b0, nbins
-    cdef const floating* X = &features[0, 0, 0, 0]
-    cdef floating* O = &out[0, 0, 0, 0]
+    """Pool the pieces at sorted positions j0..j1 (box order[j], bins bin0[j]..bin1[j]); see
+    pool_pieces."""
     cdef const Py_ssize_t[::1] idx = t.idx, off = t.off, nv = t.nv, boff = t.boff
     cdef const floating[::1] w = t.w
+    cdef Pieces P
+    P.batch_idx, P.order, P.bin0, P.bin1 = &batch_idx[0], &order[0], &bin0[0], &bin1[0]
+    P.img_start, P.gh, P.gw, P.j0, P.j1 = &img_start[0], &gh[0], &gw[0], j0, j1
+    P.idx, P.off, P.nv, P.boff, P.w = &idx[0], &off[0], &nv[0], &boff[0], <const char*>&w[0]
+    cdef size_t failed
+    with nogil:
+        failed = pool_pieces(&features[0, 0, 0, 0], &out[0, 0, 0, 0], features.shape,
+                             out.shape, &P, channels_last, interleave, n_threads)
+    check_scratch(failed)
+
+
+cdef size_t pool_pieces(const floating* X, floating* O, const Py_ssize_t* fshape,
+                        const Py_ssize_t* oshape, const Pieces* P, bint channels_last,
+                        bint interleave, int n_threads) noexcept nogil:
+    """NHWC: one task per piece, vector code over the channels. NCHW with ``interleave``: one
+    task per (image, block of LANES planes) copied to channels-last scratch; otherwise pieces
+    split over the threads, reading the planes. Returns 0, or the bytes of per-thread scratch
+    that could not be allocated."""
+    cdef Py_ssize_t N, C, H, W, PH, PW, n, c, nb, j, k, q, lo, hi, task, blocks, b0, nbins
+    cdef Py_ssize_t j0 = P.j0, j1 = P.j1
+    cdef const floating* w = <const floating*>P.w
     cdef floating* scratch
     cdef floating* obuf
     cdef Scratch s
     cdef size_t failed = 0
     cdef BlockTask bt
     if channels_last:
-        N, H, W, C = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
-        PH, PW = out.shape[1], out.shape[2]
-        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
-            k, q, b0 = order[j], j - j0, bin0[j]
-            pool_samples(X + batch_idx[k] * H * W * C, C, C, O + (k * PH * PW + b0) * C, C,
-                         bin1[j] - b0, gh[k] * gw[k], &nv[boff[q]], &idx[4 * off[q]],
-                         &w[4 * off[q]])
-        return
-    N, C, H, W = features.shape[0], features.shape[1], features.shape[2], features.shape[3]
-    PH, PW = out.shape[2], out.shape[3]
+        N, H, W, C = fshape[0], fshape[1], fshape[2], fshape[3]
+        PH, PW = oshape[1], oshape[2]
+        for j in prange(j0, j1, schedule="dynamic", num_threads=n_threads):
+            k, q, b0 = P.order[j], j - j0, P.bin0[j]
+            pool_samples(X + P.batch_idx[k] * H * W * C, C, C, O + (k * PH * PW + b0) * C, C,
+                         P.bin1[j] - b0, P.gh[k] * P.gw[k], P.nv + P.boff[q],
+                         P.idx + 4 * P.off[q], w + 4 * P.off[q])
+        return 0
+    N, C, H, W = fshape[0], fshape[1], fshape[2], fshape[3]
+    PH, PW = oshape[2], oshape[3]
     if interleave:
         blocks = (C + LANES - 1) // LANES
-        with nogil, parallel(num_threads=n_threads):
+        with parallel(num_threads=n_threads):
             s = scratch_open(&failed, H * W * LANES * sizeof(floating),
                              PH * PW * LANES * sizeof(floating))
             scratch, obuf = <floating*>s.a, <floating*>s.b
             for task in prange(N * blocks, schedule="dynamic"):
                 if not s.ok:
                     continue  # reported after the parallel region
-                bt = block_task(task, blocks, C, &img_start[0], j0, j1)
+                bt = block_task(task, blocks, C, P.img_start, j0, j1)
                 n, c, nb, lo, hi = bt.n, bt.c, bt.nb, bt.lo, bt.hi
                 interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
                 for j in range(lo, hi):
-                    k, q, b0 = order[j], j - j0, bin0[j]
-                    nbins = bin1[j] - b0
-                    pool_samples(scratch, LANES, LANES, obuf, LANES, nbins, gh[k] * gw[k],
-                                 &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
+                    k, q, b0 = P.order[j], j - j0, P.bin0[j]
+                    nbins = P.bin1[j] - b0
+                    pool_samples(scratch, LANES, LANES, obuf, LANES, nbins, P.gh[k] * P.gw[k],
+                                 P.nv + P.boff[q], P.idx + 4 * P.off[q], w + 4 * P.off[q])
                     deinterleave_bins(obuf, nbins, nb, O + (k * C + c) * PH * PW + b0, PH * PW)
             scratch_close(&s)
-        check_scratch(failed)
-    else:
-        for j in prange(j0, j1, nogil=True, schedule="dynamic", num_threads=n_threads):
-            k, q, b0 = order[j], j - j0, bin0[j]
-            for c in range(C):
-                pool_samples(X + (batch_idx[k] * C + c) * H * W, 1, 1,
-                             O + (k * C + c) * PH * PW + b0, 1, bin1[j] - b0, gh[k] * gw[k],
-                             &nv[boff[q]], &idx[4 * off[q]], &w[4 * off[q]])
+        return failed
+    for j in prange(j0, j1, schedule="dynamic", num_threads=n_threads):
+        k, q, b0 = P.order[j], j - j0, P.bin0[j]
+        for c in range(C):
+            pool_samples(X + (P.batch_idx[k] * C + c) * H * W, 1, 1,
+                         O + (k * C + c) * PH * PW + b0, 1, P.bin1[j] - b0, P.gh[k] * P.gw[k],
+                         P.nv + P.boff[q], P.idx + 4 * P.off[q], w + 4 * P.off[q])
+    return 0
 
 
 def backward_features(const floating[:, :, :, ::1] grad_out, const int64_t[::1] batch_idx,
@@ -516,3 +562,145 @@ cdef void add_partials(floating* groi, const double* partial, Py_ssize_t blocks)
         for b in range(blocks):
             acc += partial[b * 5 + i]
         groi[i] += <floating>acc
+
+
+# ---------------------------------------------------------------------------------------------
+# the one-pass small call (as _roi_align.forward_small; its checks in _calls.pxd)
+
+cdef enum:
+    # the one-pass call builds at most this many sample slots (4 taps each), and takes grids of
+    # at most this many samples per bin
+    SMALL_SLOTS = 1 << 18
+    SMALL_SAMPLES = 1 << 30
+
+cdef object _NDARRAY = np.ndarray
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F64 = np.dtype(np.float64)
+
+
+def forward_small(features, boxes, output_size, spatial_scale, sampling_ratio, aligned,
+                  clockwise, layout, n_threads, max_samples_per_bin, allow_inverted):
+    """``roi_align_rotated`` of a plain call ((K, 6) boxes of the features' dtype, the rest as
+    _roi_align.forward_small says), checked, planned and pooled in one compiled pass; None for
+    any other call, which the general path then checks and runs. The result is the general
+    path's, bit for bit."""
+    # (written through the pointers of the checks: zero first for Cython's flow analysis)
+    cdef Py_ssize_t ph = 0, pw = 0, sr = 0, limit = 0
+    cdef double scale = 0
+    cdef bint channels_last = False
+    cdef const float[:, :, :, ::1] xf = None
+    cdef const float[:, :] bf = None
+    cdef const double[:, :, :, ::1] xd = None
+    cdef const double[:, :] bd = None
+    cdef int size = float_size(features, boxes, _NDARRAY, _F32, _F64)
+    if (size == 0 or not plain_output_size(output_size, &ph, &pw)
+            or not plain_scale(spatial_scale, &scale)
+            or not plain_int(sampling_ratio, -1, SMALL_SAMPLES, &sr)
+            or not plain_int(max_samples_per_bin, 1, SMALL_SAMPLES, &limit)
+            or not plain_flag(aligned) or not plain_flag(clockwise)
+            or not plain_flag(allow_inverted) or not plain_layout(layout, &channels_last)
+            or not plain_threads(n_threads)):
+        return None
+    cdef int wanted = effective_n_threads(n_threads)
+    cdef bint check_order = allow_inverted is False, is_aligned = aligned is True
+    cdef bint is_clockwise = clockwise is True
+    try:  # C-contiguous rank-4 features, rank-2 boxes (what the memoryviews accept)
+        if size == 4:
+            xf, bf = features, boxes
+        else:
+            xd, bd = features, boxes
+    except (ValueError, BufferError):
+        return None
+    if size == 4:
+        return small_forward(xf, bf, ph, pw, scale, sr, is_aligned, is_clockwise, channels_last,
+                             wanted, <double>limit, check_order)
+    return small_forward(xd, bd, ph, pw, scale, sr, is_aligned, is_clockwise, channels_last,
+                         wanted, <double>limit, check_order)
+
+
+cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
+                          Py_ssize_t PW, double scale, Py_ssize_t sr, bint aligned,
+                          bint clockwise, bint channels_last, int wanted, double limit,
+                          bint check_order):
+    cdef Sizes z
+    if not small_sizes(&z, b.shape, 5, x.shape, channels_last):
+        return None
+    cdef Py_ssize_t K = z.K, N = z.N, C = z.C, H = z.H, W = z.W, k, q, bins = PH * PW
+    if <double>K * bins > SMALL_SLOTS or <double>K * C * bins > 1 << 40:
+        return None  # (an output that large is the general path's MemoryError)
+    # batch, gh, gw, order, bin0 (0), bin1 (PH * PW), image starts (N + 1), off and boff
+    # (K + 1 each), then the (K, 5) coordinates
+    cdef int64_t* block = small_block(9 * K + N + 3 + 5 * K)
+    cdef int64_t* batch = block
+    cdef int64_t* gh = block + K
+    cdef int64_t* gw = block + 2 * K
+    cdef int64_t* order = block + 3 * K
+    cdef int64_t* bin0 = block + 4 * K
+    cdef int64_t* bin1 = block + 5 * K
+    cdef int64_t* img_start = block + 6 * K
+    cdef Py_ssize_t* off = <Py_ssize_t*>(img_start + N + 1)
+    cdef Py_ssize_t* boff = off + K + 1
+    cdef floating* rois = <floating*>(boff + K + 1)
+    cdef Py_ssize_t* idx = NULL
+    cdef Py_ssize_t* nv = NULL
+    cdef floating* w = NULL
+    cdef double samples = 0
+    cdef bint ok
+    cdef Frame f
+    with nogil:
+        ok = scan_boxes(b, N, check_order, rois, batch, True)
+        for k in range(K if ok else 0):
+            f = box_frame(rois + 5 * k, scale, aligned, False)
+            gh[k] = grid_size(sr, <floating>f.roi_h, PH)
+            gw[k] = grid_size(sr, <floating>f.roi_w, PW)
+            if <double>gh[k] * gw[k] > limit or gh[k] > limit or gw[k] > limit:
+                ok = False  # the general path's bound check says which box and why
+                break
+            samples += <double>gh[k] * gw[k] * bins
+            if samples > SMALL_SLOTS:
+                ok = False
+                break
+            bin1[k] = bins
+        if ok:
+            sort_by_image(batch, K, N, order, img_start)
+            for q in range(K):
+                off[q + 1] = off[q] + gh[order[q]] * gw[order[q]] * bins
+                boff[q + 1] = boff[q] + bins
+            # one slack sample so that &table[offset] is valid for boxes with no samples
+            idx = <Py_ssize_t*>calloc(4 * (off[K] + 1), sizeof(Py_ssize_t))
+            w = <floating*>calloc(4 * (off[K] + 1), sizeof(floating))
+            nv = <Py_ssize_t*>calloc(boff[K] + 1, sizeof(Py_ssize_t))
+    if not ok:
+        free(block)
+        return None
+    if idx == NULL or w == NULL or nv == NULL:
+        free(block)
+        free(idx)
+        free(w)
+        free(nv)
+        raise MemoryError("cannot allocate the tables of a small call")
+    cdef int n_threads = threads_for_work(wanted, <double>K * C * bins, sr)
+    cdef bint interleave = not channels_last and blocks_pay(
+        samples, C, H, W, N, H * W * LANES * sizeof(floating), N * ((C + LANES - 1) // LANES),
+        n_threads, True)
+    out = np.empty((K, PH, PW, C) if channels_last else (K, C, PH, PW),
+                   np.float32 if floating is float else np.float64)
+    cdef floating[:, :, :, ::1] o = out
+    cdef Pieces P
+    cdef size_t failed
+    P.batch_idx, P.order, P.bin0, P.bin1 = batch, order, bin0, bin1
+    P.img_start, P.gh, P.gw, P.j0, P.j1 = img_start, gh, gw, 0, K
+    P.idx, P.off, P.nv, P.boff, P.w = idx, off, nv, boff, <const char*>w
+    with nogil:
+        for q in prange(K, schedule="dynamic", num_threads=threads_for_tables(n_threads, K)):
+            k = order[q]
+            fill_samples(rois + 5 * k, scale, aligned, clockwise, PH, PW, 0, bins, gh[k], gw[k],
+                         H, W, nv + boff[q], idx + 4 * off[q], w + 4 * off[q])
+        failed = pool_pieces(&x[0, 0, 0, 0], &o[0, 0, 0, 0], x.shape, o.shape, &P,
+                             channels_last, interleave, n_threads)
+    free(block)
+    free(idx)
+    free(w)
+    free(nv)
+    check_scratch(failed)
+    return out

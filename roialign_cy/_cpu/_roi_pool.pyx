@@ -27,8 +27,8 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
-from ._calls cimport (SMALL_BOXES, SMALL_IMAGES, float_size, plain_flag, plain_layout,
-                      plain_output_size, plain_scale, plain_threads, scan_boxes, sort_by_image)
+from ._calls cimport (Sizes, float_size, plain_flag, plain_layout, plain_output_size, plain_scale,
+                      plain_threads, scan_boxes, small_block, small_sizes, sort_by_image)
 from ._openmp import effective_n_threads
 
 cdef enum:
@@ -661,14 +661,12 @@ def forward_small(op, features, boxes, output_size, spatial_scale, layout, n_thr
 cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
                           Py_ssize_t PW, double spatial_scale, int op, bint channels_last,
                           int wanted, bint check_order, bint image_edge):
-    cdef Py_ssize_t K = b.shape[0], N = x.shape[0], k, q, row = 2 * (PH + PW)
-    cdef Py_ssize_t C = x.shape[3] if channels_last else x.shape[1]
-    cdef Py_ssize_t H = x.shape[1] if channels_last else x.shape[2]
-    cdef Py_ssize_t W = x.shape[2] if channels_last else x.shape[3]
-    cdef Py_ssize_t Co = C if op == OP_ROI_POOL else C // (PH * PW)
-    if b.shape[1] != 5 or not (0 < K <= SMALL_BOXES) or not (0 < N <= SMALL_IMAGES):
+    cdef Sizes z
+    if not small_sizes(&z, b.shape, 4, x.shape, channels_last):
         return None
-    if Co == 0 or H == 0 or W == 0 or <double>K * row > 1 << 24 or <double>K * C * PH * PW > 1 << 40:
+    cdef Py_ssize_t K = z.K, N = z.N, C = z.C, H = z.H, W = z.W, k, q, row = 2 * (PH + PW)
+    cdef Py_ssize_t Co = C if op == OP_ROI_POOL else C // (PH * PW)
+    if <double>K * row > 1 << 24 or <double>K * C * PH * PW > 1 << 40:
         return None  # (an output that large is the general path's MemoryError)
     if op == OP_PS_ROI_POOL and C % (PH * PW):
         return None
@@ -678,9 +676,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef int64_t top_w = W if op == OP_ROI_POOL or image_edge else W - 1
     cdef floating scale = <floating>spatial_scale
     # batch, order, image starts (N + 1), the (K, row) windows, then the (K, 4) coordinates
-    cdef int64_t* block = <int64_t*>calloc(2 * K + N + 1 + K * row + 4 * K, 8)
-    if block == NULL:
-        raise MemoryError("cannot allocate the windows of a small call")
+    cdef int64_t* block = small_block(2 * K + N + 1 + K * row + 4 * K)
     cdef int64_t* batch = block
     cdef int64_t* order = block + K
     cdef int64_t* img_start = block + 2 * K
