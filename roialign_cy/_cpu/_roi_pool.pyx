@@ -36,6 +36,8 @@ cdef enum:
     OP_PS_ROI_POOL = 1
     # forward tasks wanted per thread (runs of boxes split an image's planes when too few)
     TASKS_PER_THREAD = 4
+    # ps_roi_pool bins summed side by side (mean_row)
+    ROW_CHAINS = 8
 
 OPS = {"roi_pool": OP_ROI_POOL, "ps_roi_pool": OP_PS_ROI_POOL}
 # channels of one block of the NCHW roi_pool block loops, for the driver's cost model
@@ -236,7 +238,7 @@ cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* 
     windows table ``wt``)."""
     cdef Py_ssize_t cs = s.C if s.channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
-    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, pw, ci, PH = s.PH
+    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, pw, chunk, PH = s.PH
     # split each image's boxes into runs when there are fewer groups than tasks wanted
     runs = max(1, min(K, (TASKS_PER_THREAD * n_threads + s.N * groups - 1) // (s.N * groups)))
     for task in prange(s.N * groups * runs, schedule="dynamic", num_threads=n_threads):
@@ -251,10 +253,39 @@ cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* 
                 pool_box(X + plane_offset(s, n, g), cs, O, AM, s, order[j], g, wt + j * row,
                          wt + j * row + 2 * PH, op, 0, 0, 0)
                 continue
-            for pw in range(s.PW):
-                ci = g * s.PW + pw  # (c * PH + ph) * PW + pw with g = c * PH + ph
-                pool_box(X + plane_offset(s, n, ci), cs, O, NULL, s, order[j], ci,
-                         wt + j * row, wt + j * row + 2 * PH, op, g // s.PH, g % s.PH, pw)
+            for chunk in range((s.PW + ROW_CHAINS - 1) // ROW_CHAINS):
+                pw = chunk * ROW_CHAINS
+                mean_row(X + plane_offset(s, n, g * s.PW + pw), plane_offset(s, 0, 1), cs, s.W,
+                         wt + j * row + 2 * (g % PH), wt + j * row + 2 * PH + 2 * pw,
+                         s.PW - pw if s.PW - pw < ROW_CHAINS else ROW_CHAINS,
+                         O + out_index(s, order[j], g // PH, g % PH, pw),
+                         out_index(s, 0, 0, 0, 1))
+
+
+cdef inline void mean_row(const floating* plane, Py_ssize_t plane_stride, Py_ssize_t cs,
+                          Py_ssize_t W, const int64_t* wy, const int64_t* wx, Py_ssize_t count,
+                          floating* o, Py_ssize_t o_stride) noexcept nogil:
+    """ps_roi_pool's ``count`` <= ROW_CHAINS adjacent bins of one bin row of a box: bin i
+    averages its window (rows wy[0]..wy[1], columns wx[2 i]..wx[2 i + 1]) of the i-th plane
+    (plane_stride apart) into o[i * o_stride]; an empty bin gives 0. Each bin is summed in
+    row-major order as mean_window sums (the peers' order), but the bins' rows are visited in
+    turn, so that their independent chains of additions overlap instead of waiting for each
+    other."""
+    cdef floating acc[ROW_CHAINS]
+    cdef Py_ssize_t i, y, x
+    cdef const floating* p
+    for i in range(count):
+        acc[i] = 0
+    for y in range(wy[0], wy[1]):
+        for i in range(count):
+            p = plane + i * plane_stride + y * W * cs
+            for x in range(wx[2 * i], wx[2 * i + 1]):
+                acc[i] = acc[i] + p[x * cs]
+    for i in range(count):
+        if wy[1] > wy[0] and wx[2 * i + 1] > wx[2 * i]:
+            o[i * o_stride] = acc[i] / <floating>((wy[1] - wy[0]) * (wx[2 * i + 1] - wx[2 * i]))
+        else:
+            o[i * o_stride] = 0
 
 
 cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t cs,
