@@ -288,6 +288,28 @@ cdef inline void mean_row(const floating* plane, Py_ssize_t plane_stride, Py_ssi
             o[i * o_stride] = 0
 
 
+cdef inline void spread_row(floating* gplane, Py_ssize_t plane_stride, Py_ssize_t cs,
+                            Py_ssize_t W, const int64_t* wy, const int64_t* wx, Py_ssize_t count,
+                            const floating* g, Py_ssize_t g_stride) noexcept nogil:
+    """The gradient of mean_row: bin i's g[i * g_stride] / area added to every pixel of its
+    window of the i-th gradient plane. Each plane gets one bin's terms per box, so visiting the
+    bins' rows in turn changes no pixel's order of additions."""
+    cdef floating share[ROW_CHAINS]
+    cdef Py_ssize_t i, y, x
+    cdef floating* p
+    if wy[1] <= wy[0]:
+        return
+    for i in range(count):
+        share[i] = 0
+        if wx[2 * i + 1] > wx[2 * i]:
+            share[i] = g[i * g_stride] / <floating>((wy[1] - wy[0]) * (wx[2 * i + 1] - wx[2 * i]))
+    for y in range(wy[0], wy[1]):
+        for i in range(count):
+            p = gplane + i * plane_stride + y * W * cs
+            for x in range(wx[2 * i], wx[2 * i + 1]):
+                p[x * cs] += share[i]
+
+
 cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t cs,
                              const floating* G, const Shape* s, Py_ssize_t k, Py_ssize_t ci,
                              const int64_t* wy, const int64_t* wx, int op, Py_ssize_t c,
@@ -323,7 +345,7 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
-    cdef Py_ssize_t task, n, g, j, off, pw, ci
+    cdef Py_ssize_t task, n, g, j, off, pw, chunk
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
@@ -338,11 +360,13 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
                 scatter_box(X + off, GX + off, cs, G, &s, order[j], g, wt + j * row,
                             wt + j * row + 2 * PH, op, 0, 0, 0)
                 continue
-            for pw in range(s.PW):
-                ci = g * s.PW + pw  # (c * PH + ph) * PW + pw with g = c * PH + ph
-                off = plane_offset(&s, n, ci)
-                scatter_box(X + off, GX + off, cs, G, &s, order[j], ci, wt + j * row,
-                            wt + j * row + 2 * PH, op, g // s.PH, g % s.PH, pw)
+            for chunk in range((s.PW + ROW_CHAINS - 1) // ROW_CHAINS):
+                pw = chunk * ROW_CHAINS
+                spread_row(GX + plane_offset(&s, n, g * s.PW + pw), plane_offset(&s, 0, 1), cs,
+                           s.W, wt + j * row + 2 * (g % PH), wt + j * row + 2 * PH + 2 * pw,
+                           s.PW - pw if s.PW - pw < ROW_CHAINS else ROW_CHAINS,
+                           G + out_index(&s, order[j], g // PH, g % PH, pw),
+                           out_index(&s, 0, 0, 0, 1))
 
 
 # ---------------------------------------------------------------------------------------------
