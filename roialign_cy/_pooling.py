@@ -51,7 +51,7 @@ def roi_pool(features: ArrayLike, boxes: Boxes, output_size: OutputSize,
     each bin's arg-max pixel in its plane (the first maximum in row-major order), -1 for an empty
     bin.
     """
-    if not return_argmax:
+    if return_argmax is False:  # (any other value is the general path's to accept or refuse)
         pooled = _one_pass("_roi_pool", out, batch_indices, backend, "roi_pool", features, boxes,
                            output_size, spatial_scale, layout, n_threads, allow_inverted,
                            "torchvision")

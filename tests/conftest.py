@@ -140,3 +140,26 @@ def spy(monkeypatch):
     for name in ("forward", "backward"):
         monkeypatch.setattr(Plan, name, wrap(name, getattr(Plan, name)))
     return seen
+
+
+@pytest.fixture
+def one_pass(monkeypatch):
+    """Record whether each forward_small call took the call (True) or declined it (False)."""
+    taken = []
+    from roialign_cy import _cpu
+
+    class Recorded:  # a kernel module with forward_small recorded
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def forward_small(self, *args):
+            result = self.module.forward_small(*args)
+            taken.append(result is not None)
+            return result
+
+    for name in ("_roi_align", "_roi_align_rotated", "_roi_pool"):
+        monkeypatch.setattr(_cpu, name, Recorded(getattr(_cpu, name)))
+    return taken

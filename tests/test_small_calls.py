@@ -26,29 +26,6 @@ def _general(features, boxes, *args, **kwargs):
     return roialign_cy.roi_align(features, boxes, *args, out=out, **kwargs)
 
 
-@pytest.fixture
-def one_pass(monkeypatch):
-    """Record whether each forward_small call took the call (True) or declined it (False)."""
-    taken = []
-    from roialign_cy import _cpu
-
-    class Recorded:  # a kernel module with forward_small recorded
-        def __init__(self, module):
-            self.module = module
-
-        def __getattr__(self, name):
-            return getattr(self.module, name)
-
-        def forward_small(self, *args):
-            result = self.module.forward_small(*args)
-            taken.append(result is not None)
-            return result
-
-    for name in ("_roi_align", "_roi_align_rotated", "_roi_pool"):
-        monkeypatch.setattr(_cpu, name, Recorded(getattr(_cpu, name)))
-    return taken
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("mode", ["avg", "max", "onnx_max"])

@@ -140,6 +140,17 @@ cdef inline bint small_sizes(Sizes* z, const Py_ssize_t* box_shape, Py_ssize_t b
             and z.C > 0 and z.H > 0 and z.W > 0)
 
 
+cdef inline object small_output(Py_ssize_t K, Py_ssize_t C, Py_ssize_t PH, Py_ssize_t PW,
+                                bint channels_last, object empty, object dtype):
+    """The (K, C, PH, PW) (NHWC: (K, PH, PW, C)) output of a small call, from ``empty``
+    (numpy's, given by the caller), or None when it does not fit in memory: the call is then
+    declined, and the general path says so with its message."""
+    try:
+        return empty((K, PH, PW, C) if channels_last else (K, C, PH, PW), dtype)
+    except (MemoryError, ValueError):
+        return None
+
+
 cdef inline int64_t* small_block(Py_ssize_t n) except NULL:
     """n zeroed 8-byte slots for a small call's per-box arrays (the caller frees them)."""
     cdef int64_t* block = <int64_t*>calloc(n, 8)

@@ -37,8 +37,8 @@ from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
 from ._calls cimport (Sizes, float_size, plain_flag, plain_int, plain_layout, plain_output_size,
-                      plain_scale, plain_threads, scan_boxes, small_block, small_sizes,
-                      sort_by_image)
+                      plain_scale, plain_threads, scan_boxes, small_block, small_output,
+                      small_sizes, sort_by_image)
 
 cdef enum:
     MODE_AVG = 0
@@ -1219,20 +1219,19 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
                 xoff[k + 1] = xoff[k] + gw[order[k]] * PW
             ints = <Py_ssize_t*>calloc(table_ints(ny, nx, K, PH, PW), sizeof(Py_ssize_t))
             weights = <char*>calloc(table_weights(ny, nx), sizeof(floating))
-    if not ok:
-        free(block)
-        return None
-    if ints == NULL or weights == NULL:
+    out = None
+    if ok and ints != NULL and weights != NULL:
+        out = small_output(K, Co, PH, PW, channels_last, np.empty,
+                           np.float32 if floating is float else np.float64)
+    if out is None:  # declined, or past memory: the general path checks it, or says so
         free(block)
         free(ints)
         free(weights)
-        raise MemoryError("cannot allocate the tables of a small call")
+        return None
     cdef int n_threads = threads_for_work(wanted, <double>K * Co * PH * PW, sr)
     cdef uint8_t blocks = not channels_last and not position_sensitive and blocks_pay(
         <double>grid_samples * PH * PW, C, H, W, N, H * W * LANES * sizeof(floating),
         N * ((C + LANES - 1) // LANES), n_threads, True)
-    out = np.empty((K, PH, PW, Co) if channels_last else (K, Co, PH, PW),
-                   np.float32 if floating is float else np.float64)
     cdef floating[:, :, :, ::1] o = out
     cdef TableSet T
     cdef Map M

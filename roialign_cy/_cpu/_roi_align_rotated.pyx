@@ -26,8 +26,8 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
 from ._calls cimport (Sizes, float_size, plain_flag, plain_int, plain_layout, plain_output_size,
-                      plain_scale, plain_threads, scan_boxes, small_block, small_sizes,
-                      sort_by_image)
+                      plain_scale, plain_threads, scan_boxes, small_block, small_output,
+                      small_sizes, sort_by_image)
 from libc.stdlib cimport calloc, free
 
 from ._openmp import effective_n_threads
@@ -670,21 +670,20 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
             idx = <Py_ssize_t*>calloc(4 * (off[K] + 1), sizeof(Py_ssize_t))
             w = <floating*>calloc(4 * (off[K] + 1), sizeof(floating))
             nv = <Py_ssize_t*>calloc(boff[K] + 1, sizeof(Py_ssize_t))
-    if not ok:
-        free(block)
-        return None
-    if idx == NULL or w == NULL or nv == NULL:
+    out = None
+    if ok and idx != NULL and w != NULL and nv != NULL:
+        out = small_output(K, C, PH, PW, channels_last, np.empty,
+                           np.float32 if floating is float else np.float64)
+    if out is None:  # declined, or past memory: the general path checks it, or says so
         free(block)
         free(idx)
         free(w)
         free(nv)
-        raise MemoryError("cannot allocate the tables of a small call")
+        return None
     cdef int n_threads = threads_for_work(wanted, <double>K * C * bins, sr)
     cdef bint interleave = not channels_last and blocks_pay(
         samples, C, H, W, N, H * W * LANES * sizeof(floating), N * ((C + LANES - 1) // LANES),
         n_threads, True)
-    out = np.empty((K, PH, PW, C) if channels_last else (K, C, PH, PW),
-                   np.float32 if floating is float else np.float64)
     cdef floating[:, :, :, ::1] o = out
     cdef Pieces P
     cdef size_t failed

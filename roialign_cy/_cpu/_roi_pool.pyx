@@ -28,7 +28,8 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
 from ._calls cimport (Sizes, float_size, plain_flag, plain_layout, plain_output_size, plain_scale,
-                      plain_threads, scan_boxes, small_block, small_sizes, sort_by_image)
+                      plain_threads, scan_boxes, small_block, small_output, small_sizes,
+                      sort_by_image)
 from ._openmp import effective_n_threads
 
 cdef enum:
@@ -695,7 +696,8 @@ def forward_small(op, features, boxes, output_size, spatial_scale, layout, n_thr
     if (size == 0 or not plain_output_size(output_size, &ph, &pw)
             or not plain_scale(spatial_scale, &scale) or not plain_flag(allow_inverted)
             or not plain_layout(layout, &channels_last) or not plain_threads(n_threads)
-            or op not in OPS or (edge != "torchvision" and edge != "image")):
+            or op not in OPS or type(edge) is not str
+            or (edge != "torchvision" and edge != "image")):
         return None
     cdef int code = OPS[op], wanted = effective_n_threads(n_threads)
     cdef bint check_order = allow_inverted is False, image_edge = edge == "image"
@@ -755,11 +757,13 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
             pixels, C, H, W, N, H * W * LANES * sizeof(floating), N * ((C + LANES - 1) // LANES),
             n_threads, True):
         ok = False  # the block loops: the general path's (bit-identical, faster in bulk)
-    if not ok:
+    out = None
+    if ok:
+        out = small_output(K, Co, PH, PW, channels_last, np.empty,
+                           np.float32 if floating is float else np.float64)
+    if out is None:  # declined, or past memory: the general path checks it, or says so
         free(block)
         return None
-    out = np.empty((K, PH, PW, Co) if channels_last else (K, Co, PH, PW),
-                   np.float32 if floating is float else np.float64)
     cdef floating[:, :, :, ::1] o = out
     cdef Shape shape = shape_of(x.shape, o.shape, channels_last)
     with nogil:
