@@ -407,3 +407,24 @@ def test_roi_pool_zero_maximum_is_the_first_zero(roi_pool_loops, first):
     out = roialign_cy.roi_pool(x, np.array([[0, 0, 0, 8, 3.0]]), 1)
     assert np.all(out == 0)
     np.testing.assert_array_equal(np.signbit(out), np.full(out.shape, np.signbit(first)))
+
+
+@pytest.mark.parametrize("op", ["roi_pool", "ps_roi_pool"])
+def test_zero_corner_times_a_scale_past_float32(op):
+    """float32 corners are scaled in float32: 0 x 1e39 is 0 x inf = NaN there, which is the
+    pixel 0 (and a positive corner saturates), never an undefined cast: bin (0, 0) covers the
+    whole map and the other bins are empty."""
+    x = np.arange(2 * 4 * 5 * 6, dtype=np.float32).reshape(2, 4, 5, 6)
+    boxes = np.array([[1, 0, 0, 1, 1]], np.float32)
+    fn = getattr(roialign_cy, op)
+    kwargs = {"edge": "image"} if op == "ps_roi_pool" else {}
+    for n_threads in (1, 2):
+        out = fn(x, boxes, 2, 1e39, n_threads=n_threads, **kwargs)
+        general = fn(x, boxes, 2, 1e39, n_threads=n_threads, out=np.empty_like(out), **kwargs)
+        np.testing.assert_array_equal(out, general)
+    if op == "roi_pool":
+        np.testing.assert_array_equal(out[0, :, 0, 0], x[1].max(axis=(1, 2)))
+        assert not out[0, :, 0, 1:].any() and not out[0, :, 1, :].any()
+    else:  # channel (c * 2 + ph) * 2 + pw of the one output channel; bin (0, 0) reads channel 0
+        np.testing.assert_array_equal(out[0, 0, 0, 0], x[1, 0].mean())
+        assert not out[0, 0].ravel()[1:].any()

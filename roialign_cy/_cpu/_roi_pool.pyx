@@ -54,7 +54,10 @@ cdef extern from *:
 
 
 cdef inline int64_t to_pixel(double v) noexcept nogil:
-    # a float-to-integer cast out of range is undefined: saturate first (inf included)
+    # a float-to-integer cast out of range is undefined: saturate first (inf included); NaN is
+    # a zero corner times a scale past the dtype's range (0 x inf), which is 0
+    if v != v:
+        return 0
     if v >= PIXEL_LIMIT:
         return PIXEL_LIMIT
     if v <= -PIXEL_LIMIT:
