@@ -17,6 +17,7 @@ calls in a subprocess, so that a crash names its call).
 """
 import argparse
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,9 @@ import pytest
 
 import roialign_cy
 from roialign_cy._params import DEFAULT_MAX_SAMPLES_PER_BIN
+
+# the directory holding the roialign_cy these tests import (as tests/test_cli.py)
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(roialign_cy.__file__)))
 
 
 class MyInt(int):
@@ -625,8 +629,11 @@ def test_an_output_past_memory_leaks_nothing():
     """For real, under an address-space limit: each call refused with the general path's
     MemoryError, and no memory kept (the one-pass call leaked its tables, 430 kB a call for the
     rotated one)."""
+    # (run where the tests' roialign_cy is the one imported: the installed package in CI, the
+    # built checkout here; a source checkout as the current directory would shadow it)
     done = subprocess.run([sys.executable, "-c", _HUGE_OUTPUT], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=PACKAGE_PARENT,
+                          env=dict(os.environ, PYTHONPATH=PACKAGE_PARENT))
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
