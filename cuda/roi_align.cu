@@ -15,15 +15,49 @@ __global__ void roi_align_forward(const T* __restrict__ features, RAC_PROBLEM_PA
     rac::forward_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), features, out, (int*)0);
 }
 
-// Multi-level (FPN): box k from level levels[k] (rac::Levels); the problem's H, W and
-// spatial_scale are unused, each level's are read from heights, widths and scales.
+// Multi-level (FPN): box k from level levels[k] (rac::Levels: maps holds each level's features,
+// or gradients); the problem's H, W and spatial_scale are unused, each level's are read from
+// heights, widths and scales.
 template <typename T, int MODE, bool NHWC>
-__global__ void roi_align_forward_levels(const rac::i64* __restrict__ maps, const int* __restrict__ heights,
-                                         const int* __restrict__ widths, const double* __restrict__ scales,
-                                         const rac::i64* __restrict__ levels, RAC_PROBLEM_PARAMS,
-                                         T* __restrict__ out) {
-    rac::forward_levels_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), rac::Levels{maps, heights, widths, scales, levels},
-                                                   out);
+__global__ void roi_align_forward_levels(RAC_LEVELS_PARAMS, RAC_PROBLEM_PARAMS, T* __restrict__ out) {
+    rac::forward_levels_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), RAC_LEVELS, out, (int*)0);
+}
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_argmax_levels(RAC_LEVELS_PARAMS, RAC_PROBLEM_PARAMS, int* __restrict__ argmax) {
+    rac::forward_levels_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), RAC_LEVELS, (T*)0, argmax);
+}
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_backward_features_atomic_levels(const T* __restrict__ grad_out,
+                                                          const int* __restrict__ argmax, RAC_LEVELS_PARAMS,
+                                                          RAC_PROBLEM_PARAMS) {
+    rac::backward_features_atomic_levels_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), RAC_LEVELS, grad_out, argmax);
+}
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_backward_features_gather_levels(
+    const T* __restrict__ grad_out, const int* __restrict__ argmax, RAC_LEVELS_PARAMS, RAC_PROBLEM_PARAMS,
+    rac::i64 total, const rac::i64* __restrict__ pixel_base, int tile_h, int tile_w,
+    const rac::i64* __restrict__ tile_base, const int* __restrict__ tiles_y, const int* __restrict__ tiles_x,
+    const rac::i64* __restrict__ tile_offsets, const int* __restrict__ tile_boxes) {
+    rac::backward_features_gather_levels_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), RAC_LEVELS, grad_out, argmax,
+                                                                    total, pixel_base, tile_h, tile_w, tile_base,
+                                                                    tiles_y, tiles_x, tile_offsets, tile_boxes);
+}
+
+template <typename T, int MODE, bool NHWC>
+__global__ void roi_align_backward_boxes_levels(const T* __restrict__ grad_out, const int* __restrict__ argmax,
+                                                RAC_LEVELS_PARAMS, RAC_PROBLEM_PARAMS,
+                                                typename rac::Acc<T>::type* __restrict__ grad_rois) {
+    const rac::Levels lv = RAC_LEVELS;
+    rac::backward_boxes_body<MODE, NHWC, RAC_GEOM>(RAC_PROBLEM(T), grad_out, (const T*)0, argmax, grad_rois, &lv);
+}
+
+template <typename T>
+__global__ void roi_align_footprint_levels(RAC_LEVELS_PARAMS, RAC_PROBLEM_PARAMS, int tile_h, int tile_w,
+                                           int* __restrict__ footprints) {
+    rac::footprint_levels_body<RAC_GEOM>(RAC_PROBLEM(T), RAC_LEVELS, tile_h, tile_w, footprints);
 }
 
 // The winning sample of every output of the max modes, for the gradients.

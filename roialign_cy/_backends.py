@@ -1,6 +1,6 @@
 """Which backend serves which arrays, and the registry of operators, gradients and device types.
 
-Every backend module exposes the same three kernel entry points; arguments arrive validated,
+Every backend module exposes the same kernel entry points; arguments arrive validated,
 C-contiguous and allocated by ``roialign_cy._api`` (see ``OpParams`` for the scalars):
 
 ``forward(features, rois, batch_idx, out, p)``
@@ -14,6 +14,12 @@ C-contiguous and allocated by ``roialign_cy._api`` (see ``OpParams`` for the sca
     any thread count and run to run.
 ``backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p)``
     grad_rois shaped like rois, zero-filled by the caller; d(sum(grad_out * out)) / d(rois).
+``forward_levels(maps, rois, batch_idx, level, scales, out, p)``, ``backward_features_levels(
+grad_out, maps, rois, batch_idx, level, scales, grads, p)``, ``backward_boxes_levels(...,
+grad_rois, p)``
+    The same for RoIAlign over a feature pyramid (``roialign_cy._multiscale``), every level in
+    one parallel region (CPU) or one launch per step (CUDA): box k reads ``maps[level[k]]`` at
+    ``scales[level[k]]`` (``p.spatial_scale`` unused) and its gradient goes to ``grads[level[k]]``.
 """
 import importlib
 from typing import Any, Dict, Tuple

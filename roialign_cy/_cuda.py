@@ -65,11 +65,14 @@ def source_dir():
     )
 
 
+_TILE_KERNELS = ("tiles_count", "tiles_fill", "tiles_count_levels", "tiles_fill_levels")
+
+
 def _kernel_name(kernel, scalar, prefix, mode, channels_last):
-    if kernel in ("tiles_count", "tiles_fill"):
+    if kernel in _TILE_KERNELS:
         return f"roi_{kernel}"
-    if kernel == "footprint":
-        return f"{prefix}_footprint<{scalar}>"
+    if kernel in ("footprint", "footprint_levels"):
+        return f"{prefix}_{kernel}<{scalar}>"
     # only axis-aligned RoIAlign has pooling modes
     targs = [scalar] + ([str(_MODES[mode])] if prefix == "roi_align" else []) + ["true" if channels_last else "false"]
     return f"{prefix}_{kernel}<{', '.join(targs)}>"
@@ -86,9 +89,11 @@ def _layout_kernels(prefix):
     if not rotated:  # the multi-level (FPN) forward
         kernels += [("forward_levels", mode) for mode in _MODES]
     for mode in ("avg",) if rotated else _GRADIENT_MODES:
-        if mode != "avg":
-            kernels.append(("argmax", mode))
-        kernels += [(k, mode) for k in ("backward_features_atomic", "backward_features_gather", "backward_boxes")]
+        for suffix in ("",) if rotated else ("", "_levels"):  # and the multi-level gradients
+            if mode != "avg":
+                kernels.append(("argmax" + suffix, mode))
+            kernels += [(k + suffix, mode) for k in ("backward_features_atomic", "backward_features_gather",
+                                                     "backward_boxes")]
     return kernels
 
 
@@ -96,7 +101,9 @@ def name_expressions(source, scalar):
     """Every kernel instantiation compiled into the module of ``source`` for the C++ ``scalar``."""
     prefixes = [prefix for prefix, module in _MODULE_OF.items() if SOURCES[module] == source]
     names = [_kernel_name("footprint", scalar, prefix, None, None) for prefix in prefixes]
-    names += [_kernel_name(k, scalar, None, None, None) for k in ("tiles_count", "tiles_fill")]
+    names += [_kernel_name("footprint_levels", scalar, prefix, None, None)
+              for prefix in prefixes if prefix == "roi_align"]
+    names += [_kernel_name(k, scalar, None, None, None) for k in _TILE_KERNELS]
     for channels_last in (False, True):
         for prefix in prefixes:
             names += [_kernel_name(k, scalar, prefix, mode, channels_last) for k, mode in _layout_kernels(prefix)]
@@ -113,6 +120,11 @@ def _address(array):
 
 def _grid(total):
     return (int(min(max(-(-total // THREADS), 1), MAX_BLOCKS)),)
+
+
+def _gradient_mode(p):
+    if p.mode not in _GRADIENT_MODES:
+        raise ValueError(f"mode={p.mode!r} has no gradient")
 
 
 class _Call:
@@ -166,21 +178,101 @@ class _Ops:
         self._run(call, "forward_argmax", (features, *call.problem, out, wide), _grid(out.size))
         argmax[...] = wide.reshape(argmax.shape)
 
+    def _levels(self, arrays, level, scales, p):
+        """The rac::Levels arguments (RAC_LEVELS_PARAMS): each level's data address (its
+        features, or its gradient), height, width and scale, and every box's level."""
+        xp = self.xp
+        hw = (1, 2) if p.channels_last else (2, 3)
+        return (xp.asarray([_address(a) for a in arrays], np.int64),
+                xp.asarray([a.shape[hw[0]] for a in arrays], np.int32),
+                xp.asarray([a.shape[hw[1]] for a in arrays], np.int32),
+                xp.asarray(scales, np.float64), xp.ascontiguousarray(level, np.int64))
+
     def forward_levels(self, maps, rois, batch_idx, level, scales, out, p):
         """Pool box k from ``maps[level[k]]`` at scale ``scales[level[k]]`` into ``out``, every
         level in one launch (roialign_cy._cpu.forward_levels' contract)."""
         if out.size == 0:
             return
+        call = _Call(maps[0].shape, maps[0].dtype, rois, batch_idx, p)
+        self._run(call, "forward_levels", (*self._levels(maps, level, scales, p), *call.problem, out),
+                  _grid(out.size))
+
+    def _argmax_levels(self, call, maps, level, scales, p, n_outputs):
+        """The winning sample of every output of a multi-level call in max mode (an unused empty
+        array in avg mode)."""
+        if p.mode == "avg":
+            return self.xp.empty(0, np.int32)
+        argmax = self.xp.empty(n_outputs, np.int32)
+        self._run(call, "argmax_levels", (*self._levels(maps, level, scales, p), *call.problem, argmax),
+                  _grid(n_outputs))
+        return argmax
+
+    def backward_features_levels(self, grad_out, maps, rois, batch_idx, level, scales, grads, p):
+        """Add the feature gradient of every level of a pyramid into ``grads`` (zeroed by the
+        caller), every level in one launch (roialign_cy._cpu.backward_features_levels' contract;
+        ``maps`` may be None in avg mode)."""
+        _gradient_mode(p)
+        if grad_out.size == 0:
+            return
         xp = self.xp
-        shapes = [m.shape for m in maps]
-        call = _Call(shapes[0], maps[0].dtype, rois, batch_idx, p)
+        call = _Call(grads[0].shape, grads[0].dtype, rois, batch_idx, p)
+        argmax = self._argmax_levels(call, maps, level, scales, p, grad_out.size)
+        if p.deterministic:
+            levels = self._levels(grads, level, scales, p)
+            pixel_base = np.concatenate([[0], np.cumsum([g.size for g in grads])]).astype(np.int64)
+            self._run(call, "backward_features_gather_levels",
+                      (grad_out, argmax, *levels, *call.problem, np.int64(pixel_base[-1]), xp.asarray(pixel_base),
+                       *self._tile_lists_levels(call, levels, grads, p)),
+                      _grid(int(pixel_base[-1])))
+            return
+        # float16 gradients are accumulated in float32, then rounded once
+        accs = [g if g.dtype == call.acc_dtype else xp.zeros(g.shape, call.acc_dtype) for g in grads]
+        self._run(call, "backward_features_atomic_levels",
+                  (grad_out, argmax, *self._levels(accs, level, scales, p), *call.problem), _grid(grad_out.size))
+        for g, acc in zip(grads, accs):
+            if acc is not g:
+                g += acc.astype(g.dtype)
+
+    def _tile_lists_levels(self, call, levels, grads, p):
+        """The multi-level gather's tile arguments: (tile_h, tile_w, tile_base, tiles_y, tiles_x,
+        offsets, boxes), level l's tiles numbered from tile_base[l], each listing the boxes of its
+        level and image that may touch it, in index order."""
+        xp = self.xp
         hw = (1, 2) if p.channels_last else (2, 3)
-        addresses = xp.asarray([_address(m) for m in maps], np.int64)
-        heights = xp.asarray([s[hw[0]] for s in shapes], np.int32)
-        widths = xp.asarray([s[hw[1]] for s in shapes], np.int32)
-        levels = (addresses, heights, widths, xp.asarray(scales, np.float64),
-                  xp.ascontiguousarray(level, np.int64))
-        self._run(call, "forward_levels", (*levels, *call.problem, out), _grid(out.size))
+        tiles_y = np.array([-(-g.shape[hw[0]] // TILE) for g in grads], np.int32)
+        tiles_x = np.array([-(-g.shape[hw[1]] // TILE) for g in grads], np.int32)
+        tile_base = np.concatenate([[0], np.cumsum(call.n_images * tiles_y.astype(np.int64) * tiles_x)])
+        n_tiles = int(tile_base[-1])
+        footprints = xp.empty((call.n_boxes, 4), np.int32)
+        self._run(call, "footprint_levels", (*levels, *call.problem, np.int32(TILE), np.int32(TILE), footprints),
+                  _grid(call.n_boxes))
+        shape_args = (call.problem[1], levels[4], np.int32(call.n_boxes), np.int64(n_tiles),
+                      xp.asarray(tile_base, np.int64), xp.asarray(tiles_y), xp.asarray(tiles_x))
+        offsets, boxes = self._fill_tiles(call, "_levels", footprints, shape_args, n_tiles)
+        return (np.int32(TILE), np.int32(TILE), *shape_args[4:], offsets, boxes)
+
+    def _fill_tiles(self, call, suffix, footprints, shape_args, n_tiles):
+        """(offsets, boxes) of the tile lists: count each tile's boxes, scan, fill."""
+        xp = self.xp
+        counts = xp.empty(n_tiles, np.int64)
+        self._run(call, "tiles_count" + suffix, (footprints, *shape_args, counts), _grid(n_tiles))
+        offsets = xp.zeros(n_tiles + 1, np.int64)
+        offsets[1:] = xp.cumsum(counts)
+        boxes = xp.empty(max(int(offsets[-1]), 1), np.int32)  # one small device-to-host read
+        self._run(call, "tiles_fill" + suffix, (footprints, *shape_args, offsets, boxes), _grid(n_tiles))
+        return offsets, boxes
+
+    def backward_boxes_levels(self, grad_out, maps, rois, batch_idx, level, scales, grad_rois, p):
+        """Add d(sum(grad_out * out)) / d(rois) of a multi-level call into ``grad_rois``, every
+        level in one launch."""
+        _gradient_mode(p)
+        if grad_out.size == 0:
+            return
+        call = _Call(maps[0].shape, maps[0].dtype, rois, batch_idx, p)
+        argmax = self._argmax_levels(call, maps, level, scales, p, grad_out.size)
+        self._run(call, "backward_boxes_levels",
+                  (grad_out, argmax, *self._levels(maps, level, scales, p), *call.problem, grad_rois),
+                  (int(min(call.n_boxes, MAX_BLOCKS)),))
 
     def _argmax(self, call, features, n_outputs):
         """Winning sample of every output (RoIAlign's max mode), else an unused empty array; roi_pool's
@@ -202,8 +294,8 @@ class _Ops:
 
     def backward_features(self, grad_out, features, rois, batch_idx, grad_features, p,
                           argmax=None):
-        if p.op == "roi_align" and p.mode not in _GRADIENT_MODES:
-            raise ValueError(f"mode={p.mode!r} has no gradient")
+        if p.op == "roi_align":
+            _gradient_mode(p)
         if grad_out.size == 0 or grad_features.size == 0:
             return
         call = _Call(grad_features.shape, grad_features.dtype, rois, batch_idx, p)
@@ -239,20 +331,14 @@ class _Ops:
                   _grid(call.n_boxes))
         shape_args = (call.problem[1], np.int32(call.n_boxes), np.int32(call.n_images), np.int32(tiles_y),
                       np.int32(tiles_x))
-        counts = xp.empty(n_tiles, np.int64)
-        self._run(call, "tiles_count", (footprints, *shape_args, counts), _grid(n_tiles))
-        offsets = xp.zeros(n_tiles + 1, np.int64)
-        offsets[1:] = xp.cumsum(counts)
-        boxes = xp.empty(max(int(offsets[-1]), 1), np.int32)  # one small device-to-host read
-        self._run(call, "tiles_fill", (footprints, *shape_args, offsets, boxes), _grid(n_tiles))
+        offsets, boxes = self._fill_tiles(call, "", footprints, shape_args, n_tiles)
         return np.int32(TILE), np.int32(TILE), np.int32(tiles_y), np.int32(tiles_x), offsets, boxes
 
     def backward_boxes(self, grad_out, features, rois, batch_idx, grad_rois, p):
         if p.op != "roi_align":
             raise ValueError(f"{p.op} has no gradient with respect to the boxes (docs/conventions.md sections 8 "
                              "and 9); use wrt=\"features\"")
-        if p.mode not in _GRADIENT_MODES:
-            raise ValueError(f"mode={p.mode!r} has no gradient")
+        _gradient_mode(p)
         if grad_out.size == 0:
             return
         call = _Call(features.shape, features.dtype, rois, batch_idx, p)
@@ -361,6 +447,16 @@ def forward_levels(maps, rois, batch_idx, level, scales, out, p):
         _ops().forward_levels(maps, rois, batch_idx, level, scales, out, p)
 
 
+def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p):
+    with grads[0].device:
+        _ops().backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p)
+
+
+def backward_boxes_levels(grad_out, maps, rois, batch_idx, level, scales, grad_rois, p):
+    with grad_rois.device:
+        _ops().backward_boxes_levels(grad_out, maps, rois, batch_idx, level, scales, grad_rois, p)
+
+
 def backward_features(grad_out, features, rois, batch_idx, grad_features, p, argmax=None):
     with grad_features.device:
         _ops().backward_features(grad_out, features, rois, batch_idx, grad_features, p, argmax)
@@ -371,4 +467,5 @@ def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p):
         _ops().backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p)
 
 
-__all__ = ["forward", "forward_levels", "backward_features", "backward_boxes", "source_dir", "name_expressions", "is_available"]
+__all__ = ["forward", "forward_levels", "backward_features", "backward_features_levels", "backward_boxes",
+           "backward_boxes_levels", "source_dir", "name_expressions", "is_available"]

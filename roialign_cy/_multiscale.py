@@ -2,9 +2,9 @@
 
 The work is split in steps: validation of the levels (``_check_levels``), the level of each box
 (``assign_levels``), and the pooling itself (``_pool_levels`` / ``_unpool_levels``). On the CPU the
-pooling is one call of the multi-level kernels: every level's boxes in one parallel region, each
-written straight to its row of the output (no per-level gather or scatter). On CUDA the forward is
-one launch over every level too; the CUDA gradients are computed one level at a time.
+pooling and its gradients are one call of the multi-level kernels: every level's boxes in one
+parallel region, each written straight to its row of the output (no per-level gather or scatter).
+On CUDA each step is one launch over every level (the gradient's tile lists cover every level).
 """
 import math
 import numbers
@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _api, _backends
 from . import _validate as v
-from ._api import _grad_dtype, _looks_like_array, roi_align, roi_align_backward
+from ._api import _grad_dtype, _looks_like_array
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
 from ._plan import _box_grad_like
 from ._typing import (Array, ArrayLike, Backend, BoxGrad, Boxes, FeaturesOrShape, Layout, Mode,
@@ -35,7 +35,6 @@ class _Problem(NamedTuple):
     batch_idx: Any  # (K,) int64
     form: str  # how the boxes came in: "batched", "onnx" or "list"
     levels: Any  # (K,) int64: the level of each box
-    groups: List[Any]  # per level: the positions of its boxes, ascending
     backend: str
 
 
@@ -126,12 +125,6 @@ def _positive_real(name, value, allow_zero=False):
     return value
 
 
-def _level_groups(levels, n_levels):
-    """Positions of the boxes of each level, ascending (the order in which they are pooled)."""
-    xp = np if isinstance(levels, np.ndarray) else v.xp_of("cuda")
-    return [xp.nonzero(levels == level)[0] for level in range(n_levels)]
-
-
 def _prepare(features, boxes, spatial_scales, layout, batch_indices, backend, canonical_scale,
              canonical_level, eps, assign, allow_inverted, grad_output=None):
     """Validate a multi-level call and assign its boxes to levels; return (_Problem, dtype)."""
@@ -161,19 +154,15 @@ def _prepare(features, boxes, spatial_scales, layout, batch_indices, backend, ca
         v.box_order(rois, False)  # checked here so that the message gives the box's own index
     levels = assign_levels(rois, k_min, k_min + len(shapes) - 1, canonical_scale, canonical_level,
                            eps, assign)
-    groups = _level_groups(levels, len(shapes))
     return _Problem(list(features), shapes, scales, rois, batch_idx, form,
-                    levels.astype(np.int64) if backend == "cpu" else levels, groups,
+                    levels.astype(np.int64) if backend == "cpu" else levels,
                     backend), dtype
 
 
-def _levels_kernels(problem, kwargs, entry):
-    """(the backend's multi-level kernels, OpParams, the levels' C-contiguous maps) when the
-    backend has the multi-level ``entry`` ("forward_levels", "backward_features_levels"), else
-    None: then the levels are pooled one call each."""
+def _levels_kernels(problem, kwargs):
+    """(the backend's multi-level kernels, OpParams, the levels' C-contiguous maps; None for
+    shapes)."""
     be = _backends.module(problem.backend)
-    if not hasattr(be, entry):
-        return None
     # the scales are per level (problem.scales); OpParams' spatial_scale goes unused
     p = _api.params(False, kwargs["output_size"], 1.0, kwargs["sampling_ratio"],
                     kwargs["aligned"], kwargs["mode"], kwargs["layout"],
@@ -192,57 +181,31 @@ def _levels_kernels(problem, kwargs, entry):
 
 def _pool_levels(problem, out, kwargs):
     """Pool every box from its level into ``out`` (box order)."""
-    kernels = _levels_kernels(problem, kwargs, "forward_levels")
-    if kernels is not None:
-        be, p, maps = kernels
-        be.forward_levels(maps, problem.rois, problem.batch_idx, problem.levels, problem.scales,
-                          out, p)
-        return
-    for level, idx in enumerate(problem.groups):
-        if idx.size:
-            out[idx] = roi_align(problem.features[level], problem.rois[idx],
-                                 spatial_scale=problem.scales[level],
-                                 batch_indices=problem.batch_idx[idx], **kwargs)
+    be, p, maps = _levels_kernels(problem, kwargs)
+    be.forward_levels(maps, problem.rois, problem.batch_idx, problem.levels, problem.scales, out, p)
 
 
 def _unpool_levels(problem, grad_output, wrt, dtype, kwargs):
     """Per-level feature gradients and the (K, 4) box gradient (None where not asked for)."""
     xp = v.xp_of(problem.backend)
     grad_rois = xp.zeros(problem.rois.shape, problem.rois.dtype) if wrt != "features" else None
-    kernels = _levels_kernels(problem, kwargs, "backward_features_levels")
-    if kernels is not None:
-        be, p, maps = kernels
-        if p.mode == "onnx_max":
-            raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "
-                             "gradient; use mode='max' (mmcv) for a differentiable max")
-        if maps[0] is None and (wrt != "features" or p.mode != "avg"):
-            raise ValueError(f"features must be the feature arrays, not just their shapes, for "
-                             f"wrt={wrt!r} and mode={p.mode!r}: only the feature gradient in avg "
-                             "mode works from the shapes")
-        grad_features = None
-        if wrt != "boxes":
-            grad_features = [v.allocate(xp, shape, dtype, f"the gradient of level {i}", zeros=True)
-                             for i, shape in enumerate(problem.shapes)]
-            be.backward_features_levels(grad_output, maps, problem.rois, problem.batch_idx,
-                                        problem.levels, problem.scales, grad_features, p)
-        if grad_rois is not None:
-            be.backward_boxes_levels(grad_output, maps, problem.rois, problem.batch_idx,
-                                     problem.levels, problem.scales, grad_rois, p)
-        return grad_features, grad_rois
-    grad_features = [] if wrt != "boxes" else None
-    for level, idx in enumerate(problem.groups):
-        if not idx.size:
-            if grad_features is not None:
-                grad_features.append(xp.zeros(problem.shapes[level], dtype))
-            continue
-        g = roi_align_backward(grad_output[idx], problem.features[level], problem.rois[idx],
-                               spatial_scale=problem.scales[level],
-                               batch_indices=problem.batch_idx[idx], wrt=wrt, **kwargs)
-        g_features, g_rois = {"features": (g, None), "boxes": (None, g), "both": g}[wrt]
-        if grad_features is not None:
-            grad_features.append(g_features)
-        if grad_rois is not None:
-            grad_rois[idx] = g_rois
+    be, p, maps = _levels_kernels(problem, kwargs)
+    if p.mode == "onnx_max":
+        raise ValueError("mode='onnx_max' reproduces an onnxruntime forward quirk and has no "
+                         "gradient; use mode='max' (mmcv) for a differentiable max")
+    if maps[0] is None and (wrt != "features" or p.mode != "avg"):
+        raise ValueError(f"features must be the feature arrays, not just their shapes, for "
+                         f"wrt={wrt!r} and mode={p.mode!r}: only the feature gradient in avg "
+                         "mode works from the shapes")
+    grad_features = None
+    if wrt != "boxes":
+        grad_features = [v.allocate(xp, shape, dtype, f"the gradient of level {i}", zeros=True)
+                         for i, shape in enumerate(problem.shapes)]
+        be.backward_features_levels(grad_output, maps, problem.rois, problem.batch_idx,
+                                    problem.levels, problem.scales, grad_features, p)
+    if grad_rois is not None:
+        be.backward_boxes_levels(grad_output, maps, problem.rois, problem.batch_idx,
+                                 problem.levels, problem.scales, grad_rois, p)
     return grad_features, grad_rois
 
 

@@ -373,36 +373,94 @@ def test_emulated_roi_align_matches_cpu(emu, rng, shape, scale, sampling_ratio, 
     compare_with_cpu(emu.ops, kernel, cpu, p, dtype)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_multi_level_forward_matches_cpu(emu, rng, mode, layout, dtype):
-    """The one-launch forward over every level of a pyramid (a level without boxes, an empty
-    one): the CPU's multi-level kernels' values, and one launch."""
+def pyramid_problem(rng, dtype, layout, pooled=(3, 2)):
+    """A pyramid of 4 levels (one without boxes, one empty) with the edge-case boxes spread over
+    the first three, and an upstream gradient: (kernel arrays, CPU arrays), each (maps, rois,
+    batch_idx, level, scales, grad)."""
     N, C = 2, 3
     shapes = [(N, C, 17, 21), (N, C, 9, 11), (N, C, 5, 6), (N, C, 0, 0)]
     scales = [1.0, 0.5, 0.25, 0.125]
     maps = [rng.standard_normal(s) for s in shapes]
     boxes = np.concatenate([edge_case_boxes(rng, N, 17, 21), random_boxes(rng, 9, N, 17, 21)])
     level = np.where(np.arange(len(boxes)) % 3 == 2, 2, np.arange(len(boxes)) % 2).astype(np.int64)
+    grad = rng.standard_normal((len(boxes), C, *pooled))
     if layout == "NHWC":
-        maps = [to_nhwc(m) for m in maps]
-    kernel_rois = np.ascontiguousarray(boxes[:, 1:], np.float32 if dtype == np.float16 else dtype)
+        maps, grad = [to_nhwc(m) for m in maps], to_nhwc(grad)
+    rois = np.ascontiguousarray(boxes[:, 1:], np.float32 if dtype == np.float16 else dtype)
     batch_idx = boxes[:, 0].astype(np.int64)
+    kernel = ([m.astype(dtype) for m in maps], rois, batch_idx, level, scales, grad.astype(dtype))
+    wide = cpu_dtype(dtype)
+    cpu = ([np.ascontiguousarray(m.astype(wide)) for m in kernel[0]], rois.astype(wide), batch_idx,
+           level, scales, np.ascontiguousarray(kernel[5].astype(wide)))
+    return kernel, cpu
+
+
+def level_gradients(ops, arrays, p, shape_only=False):
+    """(feature gradient of every level, box gradient) of a multi-level call."""
+    maps, rois, batch_idx, level, scales, grad = arrays
+    grads = [np.zeros(m.shape, m.dtype) for m in maps]
+    grad_rois = np.zeros_like(rois)
+    ops.backward_features_levels(grad, [None] * len(maps) if shape_only else maps, rois, batch_idx,
+                                 level, scales, grads, p)
+    ops.backward_boxes_levels(grad, maps, rois, batch_idx, level, scales, grad_rois, p)
+    return grads, grad_rois
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_multi_level_forward_matches_cpu(emu, rng, mode, layout, dtype):
+    """The one-launch forward over every level of a pyramid (a level without boxes, an empty
+    one): the CPU's multi-level kernels' values, and one launch."""
+    kernel, cpu = pyramid_problem(rng, dtype, layout)
     p = OpParams(3, 2, 1.0, 2, True, mode, channels_last=layout == "NHWC")
-    out_shape = (len(boxes), 3, 2, C) if layout == "NHWC" else (len(boxes), C, 3, 2)
-    got = np.full(out_shape, np.nan, dtype)
+    got, want = np.full(kernel[5].shape, np.nan, dtype), np.empty(cpu[5].shape, cpu[5].dtype)
     emu.launches.clear()
-    emu.ops.forward_levels([m.astype(dtype) for m in maps], kernel_rois, batch_idx, level, scales,
-                           got, p)
+    emu.ops.forward_levels(*kernel[:5], got, p)
     assert [name for name, _, _ in emu.launches] == [_cuda._kernel_name(
         "forward_levels", _cuda.SCALARS[np.dtype(dtype).name], "roi_align", mode,
         layout == "NHWC")]
-    want = np.empty(out_shape, cpu_dtype(dtype))
-    cpu_maps = [np.ascontiguousarray(m.astype(dtype).astype(cpu_dtype(dtype))) for m in maps]
-    _cpu.forward_levels(cpu_maps, kernel_rois.astype(cpu_dtype(dtype)), batch_idx, level, scales,
-                        want, p)
+    _cpu.forward_levels(*cpu[:5], want, p)
     assert_close(got, want, dtype, "forward_levels")
+
+
+@pytest.mark.parametrize("mode, deterministic", [(m, d) for m in GRADIENT_MODES for d in (True, False)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_multi_level_gradients_match_cpu(emu, rng, mode, deterministic, layout, dtype):
+    """The multi-level gradients, every level in one launch per step (no per-level loop): the
+    CPU's multi-level kernels' values, for the features of each level and for the boxes."""
+    kernel, cpu = pyramid_problem(rng, dtype, layout)
+    p = OpParams(3, 2, 1.0, 2, True, mode, channels_last=layout == "NHWC", deterministic=deterministic)
+    emu.launches.clear()
+    got = level_gradients(emu.ops, kernel, p, shape_only=mode == "avg")
+    names = [name.split("<")[0] for name, _, _ in emu.launches]
+    argmax = ["roi_align_argmax_levels"] if mode == "max" else []
+    steps = (["roi_align_footprint_levels", "roi_tiles_count_levels", "roi_tiles_fill_levels",
+              "roi_align_backward_features_gather_levels"] if deterministic
+             else ["roi_align_backward_features_atomic_levels"])
+    assert names == [*argmax, *steps, *argmax, "roi_align_backward_boxes_levels"]
+    want = level_gradients(_cpu, cpu, p)
+    for level, (a, b) in enumerate(zip(got[0], want[0])):
+        assert_close(a, b, dtype, f"grad_features[{level}]")
+    assert_close(got[1], want[1], dtype, "grad_boxes")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_emulated_multi_level_gather_ignores_scheduling(emu_lib, rng, monkeypatch, layout):
+    """The deterministic multi-level gradients: the same bits whatever the order of blocks and
+    threads, and through one block."""
+    kernel, _ = pyramid_problem(rng, np.float32, layout)
+    p = OpParams(3, 2, 1.0, 2, True, "max", channels_last=layout == "NHWC")
+
+    def gradients(seed):
+        grads, grad_rois = level_gradients(emulator.Emulator(emu_lib, seed).ops, kernel, p)
+        return b"".join(g.tobytes() for g in grads) + grad_rois.tobytes()
+
+    first = gradients(0)
+    assert all(gradients(seed) == first for seed in (1, 2))
+    monkeypatch.setattr(_cuda, "MAX_BLOCKS", 1)
+    assert gradients(3) == first
 
 
 @pytest.mark.parametrize("shape, scale", SHAPES)
@@ -650,6 +708,41 @@ def test_gpu_roi_align_matches_cpu(cp, rng, boxes_kind, shape, scale, sampling_r
         got_x, got_b = roialign_cy.roi_align_backward(gpu[2], gpu[0], gpu[1], wrt="both",
                                                       deterministic=deterministic, **kw)
         assert_close(cp.asnumpy(got_x), want_x, dtype, f"grad_features deterministic={deterministic}")
+        assert_close(cp.asnumpy(got_b), want_b, dtype, "grad_boxes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", GRADIENT_MODES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_multi_scale_roi_align_matches_cpu(cp, rng, mode, layout, dtype):
+    """The public multi-level forward and gradients (features of every level, boxes) on CuPy
+    arrays: the CPU's values."""
+    N, C = 2, 3
+    shapes = [(N, C, 64, 80), (N, C, 32, 40), (N, C, 16, 20), (N, C, 8, 10)]
+    maps = [rng.standard_normal(s) for s in shapes]
+    boxes = random_boxes(rng, 40, N, 256, 320)  # input-image pixels: sizes over every level
+    grad = rng.standard_normal((len(boxes), C, 3, 2))
+    if layout == "NHWC":
+        maps, grad = [to_nhwc(m) for m in maps], to_nhwc(grad)
+    box_dtype = np.float32 if dtype == np.float16 else dtype
+    cpu_maps = [m.astype(dtype).astype(cpu_dtype(dtype)) for m in maps]
+    cpu_boxes = boxes.astype(box_dtype).astype(cpu_dtype(dtype))
+    cpu_grad = grad.astype(dtype).astype(cpu_dtype(dtype))
+    gpu_maps = [cp.asarray(m.astype(dtype)) for m in maps]
+    kw = dict(output_size=(3, 2), spatial_scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32], sampling_ratio=2,
+              aligned=True, mode=mode, layout=layout, canonical_scale=64)
+    got = roialign_cy.multi_scale_roi_align(gpu_maps, cp.asarray(boxes.astype(box_dtype)), **kw)
+    assert isinstance(got, cp.ndarray) and got.dtype == dtype
+    assert_close(cp.asnumpy(got), roialign_cy.multi_scale_roi_align(cpu_maps, cpu_boxes, **kw), dtype,
+                 "forward")
+    want_x, want_b = roialign_cy.multi_scale_roi_align_backward(cpu_grad, cpu_maps, cpu_boxes, wrt="both", **kw)
+    for deterministic in (True, False):
+        got_x, got_b = roialign_cy.multi_scale_roi_align_backward(
+            cp.asarray(grad.astype(dtype)), gpu_maps, cp.asarray(boxes.astype(box_dtype)), wrt="both",
+            deterministic=deterministic, **kw)
+        for level, (a, b) in enumerate(zip(got_x, want_x)):
+            assert_close(cp.asnumpy(a), b, dtype, f"grad_features[{level}] deterministic={deterministic}")
         assert_close(cp.asnumpy(got_b), want_b, dtype, "grad_boxes")
 
 

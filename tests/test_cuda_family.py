@@ -237,7 +237,7 @@ def test_family_kernels_are_compiled_into_one_module():
             assert not any(n.startswith(f"{op}_backward_boxes") for n in names)
     # only the tile-list kernels are in every module
     shared = set(_cuda.name_expressions(source, "float")) & set(_cuda.name_expressions("roi_align.cu", "float"))
-    assert shared == {"roi_tiles_count", "roi_tiles_fill"}
+    assert shared == {"roi_tiles_count", "roi_tiles_fill", "roi_tiles_count_levels", "roi_tiles_fill_levels"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
