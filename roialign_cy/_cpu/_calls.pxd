@@ -122,6 +122,59 @@ cdef inline void sort_by_image(const int64_t* batch, Py_ssize_t K, Py_ssize_t n_
     image_start[0] = 0
 
 
+cdef struct RowKey:
+    double y
+    int64_t k
+
+
+cdef extern from "stdlib.h":
+    void qsort(void* base, size_t n, size_t size,
+               int (*compare)(const void*, const void*) noexcept nogil) noexcept nogil
+
+
+cdef inline int by_row(const void* a, const void* b) noexcept nogil:
+    cdef const RowKey* p = <const RowKey*>a
+    cdef const RowKey* q = <const RowKey*>b
+    if p.y != q.y:
+        return -1 if p.y < q.y else 1
+    return (p.k > q.k) - (p.k < q.k)
+
+
+cdef inline void sort_by_row(int64_t* order, const int64_t* image_start, Py_ssize_t n_images,
+                             const floating* rois) noexcept nogil:
+    """Each image's run of ``order`` (at most SMALL_BOXES boxes, (K, 4) ``rois``) sorted by the
+    y of the boxes' centres, then by position: the order in which a forward visits them (see
+    _cpu.Run.visit; the outputs do not depend on it)."""
+    cdef RowKey keys[SMALL_BOXES]
+    cdef Py_ssize_t n, j, lo, hi, k
+    for n in range(n_images):
+        lo, hi = image_start[n], image_start[n + 1]
+        if hi - lo < 2:
+            continue
+        for j in range(lo, hi):
+            k = order[j]
+            keys[j - lo].y = <double>rois[4 * k + 1] + <double>rois[4 * k + 3]
+            keys[j - lo].k = k
+        qsort(keys, hi - lo, sizeof(RowKey), by_row)
+        for j in range(lo, hi):
+            order[j] = keys[j - lo].k
+
+
+cdef inline const int64_t* positions(const int64_t[::1] visit, Py_ssize_t j0,
+                                     Py_ssize_t j1) except? NULL:
+    """A forward's visiting order (visit[j - j0]: the position of step j, a permutation of
+    j0..j1 that _cpu.Run.visit makes), or NULL (None: in position order)."""
+    if visit is None:
+        return NULL
+    if visit.shape[0] != j1 - j0:
+        raise ValueError(f"visit has {visit.shape[0]} entries for positions {j0}..{j1}")
+    cdef Py_ssize_t i
+    for i in range(j1 - j0):
+        if not j0 <= visit[i] < j1:
+            raise ValueError(f"visit[{i}] = {visit[i]} is outside {j0}..{j1}")
+    return &visit[0] if j1 > j0 else NULL
+
+
 cdef struct Sizes:
     # a small call: K boxes on N images of C channels and H x W pixels
     Py_ssize_t K, N, C, H, W

@@ -37,8 +37,8 @@ from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
 from ._calls cimport (Sizes, float_size, plain_flag, plain_int, plain_layout, plain_output_size,
-                      plain_scale, plain_threads, scan_boxes, small_block, small_output,
-                      small_sizes, sort_by_image)
+                      plain_scale, plain_threads, positions, scan_boxes, small_block,
+                      small_output, small_sizes, sort_by_image, sort_by_row)
 
 cdef enum:
     MODE_AVG = 0
@@ -497,16 +497,26 @@ cdef struct BoxRun:
     const int64_t* gh
     const int64_t* gw
     Py_ssize_t j0, j1
+    # a forward visits position visit[j] at its step j (NULL: position j), see _cpu.Run.visit
+    const int64_t* visit
+
+
+cdef inline Py_ssize_t visited(const BoxRun* R, Py_ssize_t j) noexcept nogil:
+    """The position a forward visits at step j (j0 <= j < j1)."""
+    return R.visit[j - R.j0] if R.visit != NULL else j
 
 
 def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
             const int64_t[::1] order, const int64_t[::1] key_start, Py_ssize_t j0, Py_ssize_t j1,
             const int64_t[::1] gh, const int64_t[::1] gw, _Tables t, floating[:, :, :, ::1] out,
-            int mode, bint channels_last, const uint8_t[::1] blocks, int n_threads):
-    """Pool the boxes at sorted positions j0..j1 (tables ``t``) into ``out`` (see pool_boxes)."""
+            int mode, bint channels_last, const uint8_t[::1] blocks, int n_threads,
+            const int64_t[::1] visit=None):
+    """Pool the boxes at sorted positions j0..j1 (tables ``t``) into ``out`` (see pool_boxes),
+    visiting them in the order ``visit`` (positions; None: j0..j1)."""
     cdef BoxRun R
     R.level, R.batch_idx, R.order, R.key_start = &level[0], &batch_idx[0], &order[0], &key_start[0]
     R.gh, R.gw, R.j0, R.j1 = &gh[0], &gw[0], j0, j1
+    R.visit = positions(visit, j0, j1)
     keep = collect_maps(maps, None, channels_last, <floating*>NULL)
     cdef Py_ssize_t N = (<object>maps[0]).shape[0]
     cdef Py_ssize_t C = out.shape[3] if channels_last else out.shape[1]
@@ -528,12 +538,13 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
     copies of blocks of planes (worth it when the boxes take several samples per feature pixel);
     when no level does, the boxes are split over the threads. Returns 0, or the bytes of
     per-thread scratch that could not be allocated."""
-    cdef Py_ssize_t H, W, n, c, j, k, lo, hi, task, l, nb, cc, i, nblocks, scratch_px = 0
+    cdef Py_ssize_t H, W, n, c, j, k, v, lo, hi, task, l, nb, cc, i, nblocks, scratch_px = 0
     cdef Py_ssize_t j0 = R.j0, j1 = R.j1
     cdef Axes A
     cdef const floating* X
     if channels_last:
-        for j in prange(j0, j1, schedule="dynamic", num_threads=n_threads):
+        for v in prange(j0, j1, schedule="dynamic", num_threads=n_threads):
+            j = visited(R, v)
             k = R.order[j]
             l = R.level[k]
             A = axes_at(T, j - j0, R.gh[k], R.gw[k])
@@ -553,7 +564,7 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
         # the threads, so that even one box on many channels keeps them all busy
         nblocks = (C + PLANE_BLOCK - 1) // PLANE_BLOCK
         for task in prange((j1 - j0) * nblocks, schedule="dynamic", num_threads=n_threads):
-            j = j0 + task // nblocks
+            j = visited(R, j0 + task // nblocks)
             c = (task % nblocks) * PLANE_BLOCK
             k = R.order[j]
             l = R.level[k]
@@ -579,7 +590,8 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
             X = <const floating*>M[l].x + (n * C + c) * H * W
             if lo < hi and blocks[l]:
                 interleave_planes(X, H * W, nb, scratch)
-            for j in range(lo, hi):
+            for v in range(lo, hi):
+                j = visited(R, v)
                 k = R.order[j]
                 A = axes_at(T, j - j0, R.gh[k], R.gw[k])
                 if blocks[l]:
@@ -1013,12 +1025,14 @@ cdef inline void ps_scatter(floating* gplane, Py_ssize_t cs, Py_ssize_t W, const
 def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
                const int64_t[::1] img_start, Py_ssize_t j0, Py_ssize_t j1,
                const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
-               floating[:, :, :, ::1] out, bint channels_last, int n_threads):
+               floating[:, :, :, ::1] out, bint channels_last, int n_threads,
+               const int64_t[::1] visit=None):
     """Position-sensitive pooling of the boxes at sorted positions j0..j1 into ``out`` (see
-    ps_pool)."""
+    ps_pool), visiting them in the order ``visit`` (as forward)."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef BoxRun R
     R.order, R.key_start, R.gh, R.gw, R.j0, R.j1 = &order[0], &img_start[0], &gh[0], &gw[0], j0, j1
+    R.visit = positions(visit, j0, j1)
     with nogil:
         ps_pool(&x[0, 0, 0, 0], &out[0, 0, 0, 0], &s, &R, &t.ts, n_threads)
 
@@ -1029,7 +1043,7 @@ cdef void ps_pool(const floating* X, floating* O, const Shape* s, const BoxRun* 
     the PW input planes of that row: few enough to stay in cache, and a box's tables and outputs
     are visited once per PW bins. (R's level and batch_idx are not read.)"""
     cdef Py_ssize_t N = s.N, Co = s.Co, PH = s.PH, PW = s.PW, cs = s.C if s.channels_last else 1
-    cdef Py_ssize_t runs, task, n, co, r, lo, hi, j, k, ph, pw, a, b, j0 = R.j0, j1 = R.j1
+    cdef Py_ssize_t runs, task, n, co, r, lo, hi, j, k, v, ph, pw, a, b, j0 = R.j0, j1 = R.j1
     cdef Axes A
     # split each image's boxes into runs when there are fewer groups than 4 tasks per thread
     runs = max(1, min(j1 - j0, (4 * n_threads + N * Co * PH - 1) // (N * Co * PH)))
@@ -1044,7 +1058,8 @@ cdef void ps_pool(const floating* X, floating* O, const Shape* s, const BoxRun* 
             continue
         a = lo + (hi - lo) * r // runs
         b = lo + (hi - lo) * (r + 1) // runs
-        for j in range(a, b):
+        for v in range(a, b):
+            j = visited(R, v)
             k = R.order[j]
             A = axes_at(T, j - j0, R.gh[k], R.gw[k])
             for pw in range(PW):
@@ -1214,6 +1229,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
             grid_samples += gh[k] * gw[k]
         if ok:
             sort_by_image(batch, K, N, order, key_start)
+            sort_by_row(order, key_start, N, rois)  # only the forward runs: any order will do
             for k in range(K):
                 yoff[k + 1] = yoff[k] + gh[order[k]] * PH
                 xoff[k + 1] = xoff[k] + gw[order[k]] * PW
@@ -1242,7 +1258,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef Py_ssize_t failed = 0
     M.x, M.g, M.H, M.W = <const char*>&x[0, 0, 0, 0], NULL, H, W
     R.level, R.batch_idx, R.order, R.key_start = level, batch, order, key_start
-    R.gh, R.gw, R.j0, R.j1 = gh, gw, 0, K
+    R.gh, R.gw, R.j0, R.j1, R.visit = gh, gw, 0, K, NULL  # (order is sorted by row already)
     scales[0], extent[0], extent[1] = scale, H, W
     with nogil:
         lay_out_tables(&T, ints, weights, yoff, xoff, K, PH, PW, sizeof(floating))

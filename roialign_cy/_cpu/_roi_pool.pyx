@@ -28,8 +28,8 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
 from ._calls cimport (Sizes, float_size, plain_flag, plain_layout, plain_output_size, plain_scale,
-                      plain_threads, scan_boxes, small_block, small_output, small_sizes,
-                      sort_by_image)
+                      plain_threads, positions, scan_boxes, small_block, small_output,
+                      small_sizes, sort_by_image, sort_by_row)
 from ._openmp import effective_n_threads
 
 cdef enum:
@@ -221,20 +221,23 @@ cdef inline void pool_box(const floating* plane, Py_ssize_t cs, floating* O, int
 
 def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             const int64_t[:, ::1] win, const int64_t[::1] order, const int64_t[::1] img_start,
-            int op, bint channels_last, int n_threads, int32_t[:, :, :, ::1] argmax=None):
+            int op, bint channels_last, int n_threads, int32_t[:, :, :, ::1] argmax=None,
+            const int64_t[::1] visit=None):
     """Pool every box (windows ``win``, sorted by image: ``img_start``) into ``out`` (see
-    pool_planes); ``argmax`` (roi_pool, optional, shaped like ``out``) receives each bin's arg-max
-    pixel y * W + x, -1 for an empty bin."""
+    pool_planes), visiting them in the order ``visit`` (positions, as _roi_align.forward; None:
+    in position order); ``argmax`` (roi_pool, optional, shaped like ``out``) receives each
+    bin's arg-max pixel y * W + x, -1 for an empty bin."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
+    cdef const int64_t* V = positions(visit, 0, order.shape[0])
     with nogil:
         pool_planes(&x[0, 0, 0, 0], &out[0, 0, 0, 0], AM, &s, &win[0, 0], win.shape[1],
-                    &order[0], &img_start[0], order.shape[0], op, n_threads)
+                    &order[0], V, &img_start[0], order.shape[0], op, n_threads)
 
 
 cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* s,
                       const int64_t* wt, Py_ssize_t row, const int64_t* order,
-                      const int64_t* img_start, Py_ssize_t K, int op,
+                      const int64_t* visit, const int64_t* img_start, Py_ssize_t K, int op,
                       int n_threads) noexcept nogil:
     """A task owns a group of planes of one image: one plane (roi_pool), or the PW planes of one
     bin row of an output channel (ps_roi_pool: they stay in L2, and a box's outputs of the row
@@ -242,7 +245,7 @@ cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* 
     windows table ``wt``)."""
     cdef Py_ssize_t cs = s.C if s.channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
-    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, a, b, pw, chunk, PH = s.PH
+    cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, v, a, b, pw, chunk, PH = s.PH
     # split each image's boxes into runs when there are fewer groups than tasks wanted
     runs = max(1, min(K, (TASKS_PER_THREAD * n_threads + s.N * groups - 1) // (s.N * groups)))
     for task in prange(s.N * groups * runs, schedule="dynamic", num_threads=n_threads):
@@ -252,7 +255,8 @@ cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* 
         lo, hi = img_start[n], img_start[n + 1]
         a = lo + (hi - lo) * r // runs
         b = lo + (hi - lo) * (r + 1) // runs
-        for j in range(a, b):
+        for v in range(a, b):
+            j = visit[v] if visit != NULL else v
             if op == OP_ROI_POOL:
                 pool_box(X + plane_offset(s, n, g), cs, O, AM, s, order[j], g, wt + j * row,
                          wt + j * row + 2 * PH, op, 0, 0, 0)
@@ -517,12 +521,13 @@ cdef inline void argmax_lanes(const floating* block, Py_ssize_t W, int64_t y0, i
 def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                    const int64_t[:, ::1] win, const int64_t[::1] order,
                    const int64_t[::1] img_start, int n_threads,
-                   int32_t[:, :, :, ::1] argmax=None):
-    """roi_pool of every box of NCHW ``x``, one task per (image, block of LANES planes); with
-    ``argmax``, each bin's arg-max pixel too (as ``forward``)."""
+                   int32_t[:, :, :, ::1] argmax=None, const int64_t[::1] visit=None):
+    """roi_pool of every box of NCHW ``x``, one task per (image, block of LANES planes), in the
+    order ``visit``; with ``argmax``, each bin's arg-max pixel too (as ``forward``)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t PH = out.shape[2], PW = out.shape[3], row = win.shape[1]
-    cdef Py_ssize_t nblocks = (C + LANES - 1) // LANES, task, n, c, nb, j, k, ph, pw, l
+    cdef Py_ssize_t nblocks = (C + LANES - 1) // LANES, task, n, c, nb, j, k, v, ph, pw, l
+    cdef const int64_t* V = positions(visit, 0, order.shape[0])
     cdef const floating* X = &x[0, 0, 0, 0]
     cdef floating* O = &out[0, 0, 0, 0]
     cdef const int64_t* wt = &win[0, 0]
@@ -548,7 +553,8 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
             if bt.lo == bt.hi:
                 continue
             interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
-            for j in range(bt.lo, bt.hi):
+            for v in range(bt.lo, bt.hi):
+                j = V[v] if V != NULL else v
                 k = order[j]
                 wy = wt + j * row
                 wx = wy + 2 * PH
@@ -749,6 +755,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
         ok = scan_boxes(b, N, check_order, rois, batch)
         if ok:
             sort_by_image(batch, K, N, order, img_start)
+            sort_by_row(order, img_start, N, rois)  # only the forward runs: any order will do
             for q in range(K):
                 k = order[q]
                 axis_windows(rois[4 * k + 1], rois[4 * k + 3], scale, PH, grow, top_h, wt + q * row)
@@ -770,8 +777,8 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef floating[:, :, :, ::1] o = out
     cdef Shape shape = shape_of(x.shape, o.shape, channels_last)
     with nogil:
-        pool_planes(&x[0, 0, 0, 0], &o[0, 0, 0, 0], NULL, &shape, wt, row, order, img_start, K,
-                    op, n_threads)
+        pool_planes(&x[0, 0, 0, 0], &o[0, 0, 0, 0], NULL, &shape, wt, row, order, NULL,
+                    img_start, K, op, n_threads)
     free(block)
     return out
 
