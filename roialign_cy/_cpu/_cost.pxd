@@ -17,9 +17,12 @@ cdef extern from *:
     """
     /* The NCHW kernels copy blocks of LANES planes to channels-last scratch when the boxes take
        at least this many samples (RoIAlign: bilinear samples; roi_pool: window pixels) per
-       feature pixel: the copy costs about one read of the map (measured on the benchmark
-       workloads). */
-    #define ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL 1.0
+       feature pixel. With the SSE2 transposes the copy costs about as much as a fifth of a
+       sample per pixel read straight from the planes: measured break-even 0.15-0.25 for the
+       forwards and gradients of RoIAlign and roi_pool on maps (1, 64, 64, 64) to
+       (2, 256, 200, 304) (benchmarks/README.md, "Cost model"); above it the blocks win by up to
+       4x (e.g. 100 boxes 7x7 on (2, 256, 100, 152): 0.64 samples per pixel, 3.0 against 6.9 ms). */
+    #define ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL 0.2
     """
     const double INTERLEAVE_MIN_SAMPLES_PER_PIXEL "ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL"
 
@@ -45,7 +48,7 @@ cdef inline bint blocks_pay(double samples, Py_ssize_t c, Py_ssize_t h, Py_ssize
                             int n_threads, bint forward) noexcept nogil:
     """Whether an NCHW call on one map of n images copies blocks of LANES planes to channels-last
     scratch (vector code over channels) or reads the planes directly. Blocks pay when the boxes
-    take at least about one sample per feature pixel (the copy is one read of the map), when a
+    take at least INTERLEAVE_MIN_SAMPLES_PER_PIXEL samples per feature pixel, when a
     block is full (C >= LANES), and when the per-thread scratch fits SCRATCH_BYTES; the forward
     also needs enough block ``tasks`` to keep the threads busy, since otherwise it splits the
     boxes."""
