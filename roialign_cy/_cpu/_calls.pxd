@@ -80,6 +80,30 @@ cdef inline int float_size(object features, object boxes, object ndarray, object
     return 0
 
 
+cdef struct Plain:
+    # what every one-pass call takes from its shared arguments (plain_call)
+    int size  # the float dtype's itemsize
+    Py_ssize_t ph, pw
+    double scale
+    bint channels_last, check_order
+
+
+cdef inline bint plain_call(Plain* c, object features, object boxes, object output_size,
+                            object spatial_scale, object layout, object n_threads,
+                            object allow_inverted, object ndarray, object float32,
+                            object float64):
+    """The arguments every one-pass call shares, all plain (float_size and the checks above);
+    the operator's own arguments are the caller's to check."""
+    c.ph = c.pw = 0
+    c.scale = 0
+    c.channels_last = False
+    c.check_order = allow_inverted is False
+    c.size = float_size(features, boxes, ndarray, float32, float64)
+    return (c.size != 0 and plain_output_size(output_size, &c.ph, &c.pw)
+            and plain_scale(spatial_scale, &c.scale) and plain_flag(allow_inverted)
+            and plain_layout(layout, &c.channels_last) and plain_threads(n_threads))
+
+
 cdef inline bint scan_boxes(const floating[:, :] b, Py_ssize_t n_images, bint check_order,
                             floating* coords, int64_t* batch, bint rotated=False) noexcept nogil:
     """(K, 5) [batch_index, x1, y1, x2, y2] rows (rotated: (K, 6) [batch_index, cx, cy, w, h,

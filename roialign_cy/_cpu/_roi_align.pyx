@@ -36,9 +36,8 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
-from ._calls cimport (Sizes, float_size, plain_flag, plain_int, plain_layout, plain_output_size,
-                      plain_scale, plain_threads, positions, scan_boxes, small_block,
-                      small_output, small_sizes, sort_by_image, sort_by_row)
+from ._calls cimport (Plain, Sizes, plain_call, plain_flag, plain_int, positions, scan_boxes,
+                      small_block, small_output, small_sizes, sort_by_image, sort_by_row)
 
 cdef enum:
     MODE_AVG = 0
@@ -1142,47 +1141,45 @@ def forward_small(op, features, boxes, output_size, spatial_scale, sampling_rati
     None: the general path then checks it, with its messages, and runs it. The result is the
     general path's, bit for bit: the same grid rule, tables, cost model and kernels."""
     # (written through the pointers of the checks: zero first for Cython's flow analysis)
-    cdef Py_ssize_t ph = 0, pw = 0, sr = 0, limit = 0
-    cdef double scale = 0
-    cdef bint channels_last = False
+    cdef Py_ssize_t sr = 0, limit = 0
+    cdef Plain c
     # only the dtype's pair is assigned; None so that Cython's flow analysis sees both assigned
     cdef const float[:, :, :, ::1] xf = None
     cdef const float[:, :] bf = None
     cdef const double[:, :, :, ::1] xd = None
     cdef const double[:, :] bd = None
-    cdef int size = float_size(features, boxes, _NDARRAY, _F32, _F64)
-    if (size == 0 or not plain_output_size(output_size, &ph, &pw)
-            or not plain_scale(spatial_scale, &scale)
+    if (not plain_call(&c, features, boxes, output_size, spatial_scale, layout, n_threads,
+                       allow_inverted, _NDARRAY, _F32, _F64)
             or not plain_int(sampling_ratio, -1, SMALL_SAMPLES, &sr)
             or not plain_int(max_samples_per_bin, 1, SMALL_SAMPLES, &limit)
-            or not plain_flag(aligned) or not plain_flag(allow_inverted)
-            or not plain_layout(layout, &channels_last) or not plain_threads(n_threads)
+            or not plain_flag(aligned)
             or type(mode) is not str or (op != "roi_align" and op != "ps_roi_align")):
         return None
     code = MODES.get(mode)
     if code is None:
         return None
     cdef int mode_code = code, wanted = effective_n_threads(n_threads)
-    cdef bint check_order = allow_inverted is False, is_aligned = aligned is True
-    cdef bint position_sensitive = op == "ps_roi_align"
+    cdef bint is_aligned = aligned is True, position_sensitive = op == "ps_roi_align"
     try:  # C-contiguous rank-4 features, rank-2 boxes (what the memoryviews accept)
-        if size == 4:
+        if c.size == 4:
             xf, bf = features, boxes
         else:
             xd, bd = features, boxes
     except (ValueError, BufferError):
         return None
-    if size == 4:
-        return small_forward(xf, bf, ph, pw, scale, sr, is_aligned, mode_code, channels_last,
-                             wanted, <double>limit, check_order, position_sensitive)
-    return small_forward(xd, bd, ph, pw, scale, sr, is_aligned, mode_code, channels_last,
-                         wanted, <double>limit, check_order, position_sensitive)
+    if c.size == 4:
+        return small_forward(xf, bf, &c, sr, is_aligned, mode_code, wanted, <double>limit,
+                             position_sensitive)
+    return small_forward(xd, bd, &c, sr, is_aligned, mode_code, wanted, <double>limit,
+                         position_sensitive)
 
 
-cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
-                          Py_ssize_t PW, double scale, Py_ssize_t sr, bint aligned, int mode,
-                          bint channels_last, int wanted, double limit, bint check_order,
+cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, const Plain* c,
+                          Py_ssize_t sr, bint aligned, int mode, int wanted, double limit,
                           bint position_sensitive):
+    cdef Py_ssize_t PH = c.ph, PW = c.pw
+    cdef double scale = c.scale
+    cdef bint channels_last = c.channels_last, check_order = c.check_order
     cdef Sizes z
     if not small_sizes(&z, b.shape, 4, x.shape, channels_last):
         return None

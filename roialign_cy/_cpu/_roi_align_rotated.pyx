@@ -25,9 +25,8 @@ from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
 from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
-from ._calls cimport (Sizes, float_size, plain_flag, plain_int, plain_layout, plain_output_size,
-                      plain_scale, plain_threads, scan_boxes, small_block, small_output,
-                      small_sizes, sort_by_image)
+from ._calls cimport (Plain, Sizes, plain_call, plain_flag, plain_int, scan_boxes, small_block,
+                      small_output, small_sizes, sort_by_image)
 from libc.stdlib cimport calloc, free
 
 from ._openmp import effective_n_threads
@@ -585,43 +584,37 @@ def forward_small(features, boxes, output_size, spatial_scale, sampling_ratio, a
     any other call, which the general path then checks and runs. The result is the general
     path's, bit for bit."""
     # (written through the pointers of the checks: zero first for Cython's flow analysis)
-    cdef Py_ssize_t ph = 0, pw = 0, sr = 0, limit = 0
-    cdef double scale = 0
-    cdef bint channels_last = False
+    cdef Py_ssize_t sr = 0, limit = 0
+    cdef Plain c
     cdef const float[:, :, :, ::1] xf = None
     cdef const float[:, :] bf = None
     cdef const double[:, :, :, ::1] xd = None
     cdef const double[:, :] bd = None
-    cdef int size = float_size(features, boxes, _NDARRAY, _F32, _F64)
-    if (size == 0 or not plain_output_size(output_size, &ph, &pw)
-            or not plain_scale(spatial_scale, &scale)
+    if (not plain_call(&c, features, boxes, output_size, spatial_scale, layout, n_threads,
+                       allow_inverted, _NDARRAY, _F32, _F64)
             or not plain_int(sampling_ratio, -1, SMALL_SAMPLES, &sr)
             or not plain_int(max_samples_per_bin, 1, SMALL_SAMPLES, &limit)
-            or not plain_flag(aligned) or not plain_flag(clockwise)
-            or not plain_flag(allow_inverted) or not plain_layout(layout, &channels_last)
-            or not plain_threads(n_threads)):
+            or not plain_flag(aligned) or not plain_flag(clockwise)):
         return None
     cdef int wanted = effective_n_threads(n_threads)
-    cdef bint check_order = allow_inverted is False, is_aligned = aligned is True
-    cdef bint is_clockwise = clockwise is True
+    cdef bint is_aligned = aligned is True, is_clockwise = clockwise is True
     try:  # C-contiguous rank-4 features, rank-2 boxes (what the memoryviews accept)
-        if size == 4:
+        if c.size == 4:
             xf, bf = features, boxes
         else:
             xd, bd = features, boxes
     except (ValueError, BufferError):
         return None
-    if size == 4:
-        return small_forward(xf, bf, ph, pw, scale, sr, is_aligned, is_clockwise, channels_last,
-                             wanted, <double>limit, check_order)
-    return small_forward(xd, bd, ph, pw, scale, sr, is_aligned, is_clockwise, channels_last,
-                         wanted, <double>limit, check_order)
+    if c.size == 4:
+        return small_forward(xf, bf, &c, sr, is_aligned, is_clockwise, wanted, <double>limit)
+    return small_forward(xd, bd, &c, sr, is_aligned, is_clockwise, wanted, <double>limit)
 
 
-cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
-                          Py_ssize_t PW, double scale, Py_ssize_t sr, bint aligned,
-                          bint clockwise, bint channels_last, int wanted, double limit,
-                          bint check_order):
+cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, const Plain* c,
+                          Py_ssize_t sr, bint aligned, bint clockwise, int wanted, double limit):
+    cdef Py_ssize_t PH = c.ph, PW = c.pw
+    cdef double scale = c.scale
+    cdef bint channels_last = c.channels_last, check_order = c.check_order
     cdef Sizes z
     if not small_sizes(&z, b.shape, 5, x.shape, channels_last):
         return None

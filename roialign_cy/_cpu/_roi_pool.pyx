@@ -27,8 +27,7 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
-from ._calls cimport (Sizes, float_size, plain_flag, plain_layout, plain_output_size, plain_scale,
-                      plain_threads, positions, scan_boxes, small_block, small_output,
+from ._calls cimport (Plain, Sizes, plain_call, positions, scan_boxes, small_block, small_output,
                       small_sizes, sort_by_image, sort_by_row)
 from ._openmp import effective_n_threads
 
@@ -693,40 +692,35 @@ def forward_small(op, features, boxes, output_size, spatial_scale, layout, n_thr
     pass; None for any other call, which the general path then checks and runs. A roi_pool that
     the cost model sends to the block loops is left to the general path too. The result is the
     general path's, bit for bit."""
-    # (written through the pointers of the checks: zero first for Cython's flow analysis)
-    cdef Py_ssize_t ph = 0, pw = 0
-    cdef double scale = 0
-    cdef bint channels_last = False
+    cdef Plain c
     cdef const float[:, :, :, ::1] xf = None
     cdef const float[:, :] bf = None
     cdef const double[:, :, :, ::1] xd = None
     cdef const double[:, :] bd = None
-    cdef int size = float_size(features, boxes, _NDARRAY, _F32, _F64)
-    if (size == 0 or not plain_output_size(output_size, &ph, &pw)
-            or not plain_scale(spatial_scale, &scale) or not plain_flag(allow_inverted)
-            or not plain_layout(layout, &channels_last) or not plain_threads(n_threads)
+    if (not plain_call(&c, features, boxes, output_size, spatial_scale, layout, n_threads,
+                       allow_inverted, _NDARRAY, _F32, _F64)
             or op not in OPS or type(edge) is not str
             or (edge != "torchvision" and edge != "image")):
         return None
     cdef int code = OPS[op], wanted = effective_n_threads(n_threads)
-    cdef bint check_order = allow_inverted is False, image_edge = edge == "image"
+    cdef bint image_edge = edge == "image"
     try:  # C-contiguous rank-4 features, rank-2 boxes (what the memoryviews accept)
-        if size == 4:
+        if c.size == 4:
             xf, bf = features, boxes
         else:
             xd, bd = features, boxes
     except (ValueError, BufferError):
         return None
-    if size == 4:
-        return small_forward(xf, bf, ph, pw, scale, code, channels_last, wanted, check_order,
-                             image_edge)
-    return small_forward(xd, bd, ph, pw, scale, code, channels_last, wanted, check_order,
-                         image_edge)
+    if c.size == 4:
+        return small_forward(xf, bf, &c, code, wanted, image_edge)
+    return small_forward(xd, bd, &c, code, wanted, image_edge)
 
 
-cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, Py_ssize_t PH,
-                          Py_ssize_t PW, double spatial_scale, int op, bint channels_last,
-                          int wanted, bint check_order, bint image_edge):
+cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b, const Plain* c,
+                          int op, int wanted, bint image_edge):
+    cdef Py_ssize_t PH = c.ph, PW = c.pw
+    cdef double spatial_scale = c.scale
+    cdef bint channels_last = c.channels_last, check_order = c.check_order
     cdef Sizes z
     if not small_sizes(&z, b.shape, 4, x.shape, channels_last):
         return None
