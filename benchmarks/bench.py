@@ -30,6 +30,11 @@ import statistics
 import sys
 import time
 
+try:
+    import resource  # POSIX only: the system time column is n/a elsewhere
+except ImportError:
+    resource = None
+
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -195,6 +200,8 @@ class Timing:
     median_ms: float
     min_ms: float
     repeats: int
+    # this process's kernel (system) CPU time per timed call: mostly faulting in fresh pages
+    sys_ms: float = float("nan")
 
 
 def time_call(fn, sync, repeat, budget_s, min_repeat, max_repeat):
@@ -209,12 +216,19 @@ def time_call(fn, sync, repeat, budget_s, min_repeat, max_repeat):
     estimate = time.perf_counter() - t0
     n = repeat if repeat else int(min(max_repeat, max(min_repeat, budget_s / max(estimate, 1e-6))))
     times = []
+    sys0 = _system_seconds()
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return Timing(1e3 * statistics.median(times), 1e3 * min(times), n), result
+    sys_ms = 1e3 * (_system_seconds() - sys0) / n
+    return Timing(1e3 * statistics.median(times), 1e3 * min(times), n, sys_ms), result
+
+
+def _system_seconds():
+    """CPU time this process has spent in the kernel (page faults of fresh arrays, mostly)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime if resource else float("nan")
 
 
 def _no_sync():
@@ -369,6 +383,11 @@ def _fmt_ms(cell):
     return f"{cell['median_ms']:.3g}" if cell and "median_ms" in cell else "n/a"
 
 
+def _fmt_sys(cell):
+    sys_ms = cell.get("sys_ms", float("nan")) if cell else float("nan")
+    return "n/a" if sys_ms != sys_ms else f"{sys_ms:.3g}"
+
+
 def _fmt_ratio(row, name):
     cell = row.get(name, {})
     if "median_ms" not in cell:
@@ -408,7 +427,7 @@ def format_notes(rows):
 
 def format_table(rows):
     head = ["workload", "threads", "ours ms", "onnxruntime ms", "torchvision ms", "ort/ours", "tv/ours",
-            "max|d| ort", "max|d| tv", "others"]
+            "max|d| ort", "max|d| tv", "others", "ours sys ms"]
     lines = [head]
     for r in rows:
         if "skipped" in r or "error" in r:
@@ -419,7 +438,8 @@ def format_table(rows):
         lines.append([r["workload"], str(r["threads"]), _fmt_ms(r["ours"]), _fmt_ms(r.get("onnxruntime")),
                       _fmt_ms(r.get("torchvision")), _fmt_ratio(r, "onnxruntime"),
                       _fmt_ratio(r, "torchvision"), *diffs,
-                      "n/a" if r.get("other_cores") is None else f"{r['other_cores']:.2f}"])
+                      "n/a" if r.get("other_cores") is None else f"{r['other_cores']:.2f}",
+                      _fmt_sys(r["ours"])])
     # Skipped rows hold a note instead of the numeric columns: they size the first two columns only.
     widths = [max(len(l[i]) for l in lines if len(l) == len(head) or (i < 2 and len(l) > i)) for i in range(len(head))]
     out = []
@@ -586,7 +606,9 @@ def main(argv=None, prog=None):
     for name, v in meta["peers"].items():
         print(f"peer {name}: {v}")
     print("times: median ms per call after warm-up; ratio = peer / ours (> 1: roialign_cy is faster); "
-          "others: cores kept busy by other processes while the row ran (near 0: a clean figure)\n", flush=True)
+          "others: cores kept busy by other processes while the row ran (near 0: a clean figure); "
+          "ours sys ms: kernel (system) CPU time per call of ours, mostly faulting in fresh output "
+          "pages (all threads)\n", flush=True)
 
     runner = Runner(ours, peers, a)
     rows, mismatches, errors = [], 0, 0
