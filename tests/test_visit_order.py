@@ -1,5 +1,5 @@
-"""The order in which the CPU forwards visit boxes (``_cpu.Run.visit``; in the one-pass small
-calls, ``sort_by_row``): each image's boxes by the y of their centres, for cache locality. It
+"""The order in which the CPU forwards visit boxes (``row_order`` of _calls.pxd: ``_cpu.Run.visit``
+and the one-pass small calls): each image's boxes by the y of their centres, for cache locality. It
 must change no output bit, on any loop order of the kernels, and the gradients keep the image
 order their sums follow."""
 import numpy as np

@@ -165,7 +165,6 @@ class Run:
             key = batch_idx if level is None else self.level * n_images + batch_idx
             n_keys = len(self.shapes) * n_images
         check_table_sizes(self.gh, self.gw, p)
-        self._key = key
         self.order, self.img_start = _group_by_image(key, n_keys)
         if p.rotated:
             self._pieces(p.pooled_h * p.pooled_w)
@@ -228,21 +227,17 @@ class Run:
             yield j0, j1, t
 
     def visit(self, j0, j1):
-        """The order in which a forward visits positions j0..j1 (int64 positions): each (level,)
-        image's boxes by the y of their centre, then by position, so that one box after another
-        reads nearby rows of the maps (measured: 8-40% off the forward of 2000 boxes). Outputs do
-        not depend on it; the gradients keep ``order``, whose sums follow it. None for rotated
-        boxes (their pieces keep ``order``)."""
+        """The order in which a forward visits positions j0..j1 (``_roi_align.row_visit``: each
+        (level,) image's boxes by the y of their centres), kept for a plan's next forward. None
+        (position order: the same outputs) for rotated boxes, whose pieces keep ``order``, or
+        when there was no memory for it."""
         if self.p.rotated:
             return None
         with self._lock:
-            got = self._visits.get((j0, j1))
-            if got is None:
-                pos = np.arange(j0, j1, dtype=np.int64)
-                box = self.order[j0:j1]
-                centre = self.rois[box, 1].astype(np.float64) + self.rois[box, 3]
-                got = self._visits[(j0, j1)] = pos[np.lexsort((centre, self._key[box]))]
-        return got
+            if (j0, j1) not in self._visits:
+                self._visits[(j0, j1)] = _roi_align.row_visit(self.rois, self.order,
+                                                              self.img_start, j0, j1)
+            return self._visits[(j0, j1)]
 
     def blocks(self, j0, j1, forward, channels, n_threads):
         """Per level, whether the NCHW kernels copy blocks of planes of maps of ``channels``

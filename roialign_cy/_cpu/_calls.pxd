@@ -6,7 +6,7 @@
 from cython cimport floating
 from libc.math cimport floor, isfinite
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc
+from libc.stdlib cimport calloc, free, malloc
 
 cdef enum:
     # the one-pass calls take at most this many boxes and images (past them the general path's
@@ -164,30 +164,42 @@ cdef inline int by_row(const void* a, const void* b) noexcept nogil:
     return (p.k > q.k) - (p.k < q.k)
 
 
-cdef inline void sort_by_row(int64_t* order, const int64_t* image_start, Py_ssize_t n_images,
-                             const floating* rois) noexcept nogil:
-    """Each image's run of ``order`` (at most SMALL_BOXES boxes, (K, 4) ``rois``) sorted by the
-    y of the boxes' centres, then by position: the order in which a forward visits them (see
-    _cpu.Run.visit; the outputs do not depend on it)."""
-    cdef RowKey keys[SMALL_BOXES]
+cdef inline bint row_order(const int64_t* order, const int64_t* starts, Py_ssize_t n_keys,
+                           Py_ssize_t j0, Py_ssize_t j1, const floating* rois,
+                           int64_t* visit) noexcept nogil:
+    """The order in which a forward visits positions j0..j1 of ``order`` (boxes sorted by key,
+    (level,) image; key n's run starts at starts[n]): each key's boxes by the y of their centres
+    (y1 + y2 of the (K, 4) ``rois``), then by position, so that one box after another reads
+    nearby rows of the maps. visit[j - j0] is the position visited at step j. No output depends
+    on it (the gradients keep ``order``, whose sums follow it). False when out of memory."""
+    cdef RowKey* keys = <RowKey*>malloc((j1 - j0 + 1) * sizeof(RowKey))
     cdef Py_ssize_t n, j, lo, hi, k
-    for n in range(n_images):
-        lo, hi = image_start[n], image_start[n + 1]
-        if hi - lo < 2:
-            continue
+    if keys == NULL:
+        return False
+    for n in range(n_keys):
+        lo = starts[n] if starts[n] > j0 else j0
+        hi = starts[n + 1] if starts[n + 1] < j1 else j1
         for j in range(lo, hi):
             k = order[j]
             keys[j - lo].y = <double>rois[4 * k + 1] + <double>rois[4 * k + 3]
-            keys[j - lo].k = k
-        qsort(keys, hi - lo, sizeof(RowKey), by_row)
+            keys[j - lo].k = j
+        if hi - lo > 1:
+            qsort(keys, hi - lo, sizeof(RowKey), by_row)
         for j in range(lo, hi):
-            order[j] = keys[j - lo].k
+            visit[j - j0] = keys[j - lo].k
+    free(keys)
+    return True
+
+
+cdef inline Py_ssize_t visited_at(const int64_t* visit, Py_ssize_t j0, Py_ssize_t j) noexcept nogil:
+    """The position a forward visits at step j (``visit`` from row_order; NULL: j itself)."""
+    return visit[j - j0] if visit != NULL else j
 
 
 cdef inline const int64_t* positions(const int64_t[::1] visit, Py_ssize_t j0,
                                      Py_ssize_t j1) except? NULL:
     """A forward's visiting order (visit[j - j0]: the position of step j, a permutation of
-    j0..j1 that _cpu.Run.visit makes), or NULL (None: in position order)."""
+    j0..j1 that row_order makes), or NULL (None: in position order)."""
     if visit is None:
         return NULL
     if visit.shape[0] != j1 - j0:

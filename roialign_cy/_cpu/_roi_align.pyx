@@ -37,7 +37,8 @@ from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
 from ._calls cimport (Plain, Sizes, plain_call, plain_flag, plain_int, positions, scan_boxes,
-                      small_block, small_output, small_sizes, sort_by_image, sort_by_row)
+                      row_order, small_block, small_output, small_sizes, sort_by_image,
+                      visited_at)
 
 cdef enum:
     MODE_AVG = 0
@@ -496,13 +497,23 @@ cdef struct BoxRun:
     const int64_t* gh
     const int64_t* gw
     Py_ssize_t j0, j1
-    # a forward visits position visit[j] at its step j (NULL: position j), see _cpu.Run.visit
+    # a forward visits position visit[j - j0] at its step j (NULL: position j), see row_order
     const int64_t* visit
 
 
-cdef inline Py_ssize_t visited(const BoxRun* R, Py_ssize_t j) noexcept nogil:
-    """The position a forward visits at step j (j0 <= j < j1)."""
-    return R.visit[j - R.j0] if R.visit != NULL else j
+def row_visit(const floating[:, ::1] rois, const int64_t[::1] order, const int64_t[::1] starts,
+              Py_ssize_t j0, Py_ssize_t j1):
+    """The order in which a forward visits positions j0..j1 (row_order of _calls.pxd), as an
+    int64 array, or None when there is no memory for it (then they run in position order: the
+    same outputs)."""
+    visit = np.empty(j1 - j0, np.int64)
+    cdef int64_t[::1] v = visit
+    cdef bint ok
+    if j1 <= j0:
+        return visit
+    with nogil:
+        ok = row_order(&order[0], &starts[0], starts.shape[0] - 1, j0, j1, &rois[0, 0], &v[0])
+    return visit if ok else None
 
 
 def forward(list maps, const int64_t[::1] level, const int64_t[::1] batch_idx,
@@ -543,7 +554,7 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
     cdef const floating* X
     if channels_last:
         for v in prange(j0, j1, schedule="dynamic", num_threads=n_threads):
-            j = visited(R, v)
+            j = visited_at(R.visit, j0, v)
             k = R.order[j]
             l = R.level[k]
             A = axes_at(T, j - j0, R.gh[k], R.gw[k])
@@ -563,7 +574,7 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
         # the threads, so that even one box on many channels keeps them all busy
         nblocks = (C + PLANE_BLOCK - 1) // PLANE_BLOCK
         for task in prange((j1 - j0) * nblocks, schedule="dynamic", num_threads=n_threads):
-            j = visited(R, j0 + task // nblocks)
+            j = visited_at(R.visit, j0, j0 + task // nblocks)
             c = (task % nblocks) * PLANE_BLOCK
             k = R.order[j]
             l = R.level[k]
@@ -590,7 +601,7 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
             if lo < hi and blocks[l]:
                 interleave_planes(X, H * W, nb, scratch)
             for v in range(lo, hi):
-                j = visited(R, v)
+                j = visited_at(R.visit, j0, v)
                 k = R.order[j]
                 A = axes_at(T, j - j0, R.gh[k], R.gw[k])
                 if blocks[l]:
@@ -1058,7 +1069,7 @@ cdef void ps_pool(const floating* X, floating* O, const Shape* s, const BoxRun* 
         a = lo + (hi - lo) * r // runs
         b = lo + (hi - lo) * (r + 1) // runs
         for v in range(a, b):
-            j = visited(R, v)
+            j = visited_at(R.visit, j0, v)
             k = R.order[j]
             A = axes_at(T, j - j0, R.gh[k], R.gw[k])
             for pw in range(PW):
@@ -1190,8 +1201,8 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     if position_sensitive and C % (PH * PW):
         return None
     # per-box arrays in one block: batch, gh, gw, level (0), order, key_start (N + 1), offsets
-    # (2 (K + 1)), then the (K, 4) coordinates
-    cdef int64_t* block = small_block(7 * K + N + 3 + 4 * K)
+    # (2 (K + 1)), the visiting order, then the (K, 4) coordinates
+    cdef int64_t* block = small_block(8 * K + N + 3 + 4 * K)
     cdef int64_t* batch = block
     cdef int64_t* gh = block + K
     cdef int64_t* gw = block + 2 * K
@@ -1200,7 +1211,8 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef int64_t* key_start = block + 5 * K
     cdef Py_ssize_t* yoff = <Py_ssize_t*>(key_start + N + 1)
     cdef Py_ssize_t* xoff = yoff + K + 1
-    cdef floating* rois = <floating*>(xoff + K + 1)
+    cdef int64_t* visit = <int64_t*>(xoff + K + 1)
+    cdef floating* rois = <floating*>(visit + K)
     cdef Py_ssize_t* ints = NULL
     cdef char* weights = NULL
     cdef int64_t ny = 0, nx = 0, grid_samples = 0
@@ -1226,7 +1238,8 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
             grid_samples += gh[k] * gw[k]
         if ok:
             sort_by_image(batch, K, N, order, key_start)
-            sort_by_row(order, key_start, N, rois)  # only the forward runs: any order will do
+            if not row_order(order, key_start, N, 0, K, rois, visit):
+                visit = NULL  # (position order: the same outputs)
             for k in range(K):
                 yoff[k + 1] = yoff[k] + gh[order[k]] * PH
                 xoff[k + 1] = xoff[k] + gw[order[k]] * PW
@@ -1255,7 +1268,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef Py_ssize_t failed = 0
     M.x, M.g, M.H, M.W = <const char*>&x[0, 0, 0, 0], NULL, H, W
     R.level, R.batch_idx, R.order, R.key_start = level, batch, order, key_start
-    R.gh, R.gw, R.j0, R.j1, R.visit = gh, gw, 0, K, NULL  # (order is sorted by row already)
+    R.gh, R.gw, R.j0, R.j1, R.visit = gh, gw, 0, K, visit
     scales[0], extent[0], extent[1] = scale, H, W
     with nogil:
         lay_out_tables(&T, ints, weights, yoff, xoff, K, PH, PW, sizeof(floating))

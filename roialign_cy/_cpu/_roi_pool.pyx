@@ -27,8 +27,8 @@ from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, 
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
-from ._calls cimport (Plain, Sizes, plain_call, positions, scan_boxes, small_block, small_output,
-                      small_sizes, sort_by_image, sort_by_row)
+from ._calls cimport (Plain, Sizes, plain_call, positions, row_order, scan_boxes, small_block,
+                      small_output, small_sizes, sort_by_image, visited_at)
 from ._openmp import effective_n_threads
 
 cdef enum:
@@ -255,7 +255,7 @@ cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* 
         a = lo + (hi - lo) * r // runs
         b = lo + (hi - lo) * (r + 1) // runs
         for v in range(a, b):
-            j = visit[v] if visit != NULL else v
+            j = visited_at(visit, 0, v)
             if op == OP_ROI_POOL:
                 pool_box(X + plane_offset(s, n, g), cs, O, AM, s, order[j], g, wt + j * row,
                          wt + j * row + 2 * PH, op, 0, 0, 0)
@@ -553,7 +553,7 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                 continue
             interleave_planes(X + (n * C + c) * H * W, H * W, nb, scratch)
             for v in range(bt.lo, bt.hi):
-                j = V[v] if V != NULL else v
+                j = visited_at(V, 0, v)
                 k = order[j]
                 wy = wt + j * row
                 wx = wy + 2 * PH
@@ -735,13 +735,15 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef int64_t top_h = H if op == OP_ROI_POOL or image_edge else H - 1
     cdef int64_t top_w = W if op == OP_ROI_POOL or image_edge else W - 1
     cdef floating scale = <floating>spatial_scale
-    # batch, order, image starts (N + 1), the (K, row) windows, then the (K, 4) coordinates
-    cdef int64_t* block = small_block(2 * K + N + 1 + K * row + 4 * K)
+    # batch, order, image starts (N + 1), the (K, row) windows, the visiting order, then the
+    # (K, 4) coordinates
+    cdef int64_t* block = small_block(3 * K + N + 1 + K * row + 4 * K)
     cdef int64_t* batch = block
     cdef int64_t* order = block + K
     cdef int64_t* img_start = block + 2 * K
     cdef int64_t* wt = img_start + N + 1
-    cdef floating* rois = <floating*>(wt + K * row)
+    cdef int64_t* visit = wt + K * row
+    cdef floating* rois = <floating*>(visit + K)
     cdef double pixels = 0
     cdef bint ok
     cdef int n_threads = threads_for_work(wanted, <double>K * Co * PH * PW, 0)
@@ -749,7 +751,8 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
         ok = scan_boxes(b, N, check_order, rois, batch)
         if ok:
             sort_by_image(batch, K, N, order, img_start)
-            sort_by_row(order, img_start, N, rois)  # only the forward runs: any order will do
+            if not row_order(order, img_start, N, 0, K, rois, visit):
+                visit = NULL  # (position order: the same outputs)
             for q in range(K):
                 k = order[q]
                 axis_windows(rois[4 * k + 1], rois[4 * k + 3], scale, PH, grow, top_h, wt + q * row)
@@ -771,7 +774,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
     cdef floating[:, :, :, ::1] o = out
     cdef Shape shape = shape_of(x.shape, o.shape, channels_last)
     with nogil:
-        pool_planes(&x[0, 0, 0, 0], &o[0, 0, 0, 0], NULL, &shape, wt, row, order, NULL,
+        pool_planes(&x[0, 0, 0, 0], &o[0, 0, 0, 0], NULL, &shape, wt, row, order, visit,
                     img_start, K, op, n_threads)
     free(block)
     return out
