@@ -14,6 +14,7 @@ from ._pooling import (ps_roi_align, ps_roi_align_backward, ps_roi_pool, ps_roi_
 from ._backends import OPERATORS, devices_of, gradient_of
 from ._multiscale import multi_scale_roi_align, multi_scale_roi_align_backward
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN
+from ._buffers import output_cache, set_output_cache
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,7 @@ __all__ = [
     "gradient_of",
     "devices_of",
     "DEFAULT_MAX_SAMPLES_PER_BIN",
+    "output_cache",
+    "set_output_cache",
     "__version__",
 ]

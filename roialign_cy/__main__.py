@@ -68,10 +68,13 @@ def cmd_info(args):
         print(f"backend cuda: available, cupy {cupy.__version__}, device {dev.id}: {name}")
     else:
         print(f"backend cuda: not available: {status['cuda']}")
-    d, files = _cuda_sources()
-    print(f"CUDA sources: {d} ({', '.join(files)})" if d else f"CUDA sources: not found: {files}")
     import roialign_cy
 
+    cache = roialign_cy.output_cache()
+    print(f"output cache: up to {cache['max_bytes'] / 2**20:.0f} MiB of idle blocks kept for reuse "
+          f"(ROIALIGN_CY_CACHE_BYTES, roialign_cy.set_output_cache), {cache['idle_blocks']} held now")
+    d, files = _cuda_sources()
+    print(f"CUDA sources: {d} ({', '.join(files)})" if d else f"CUDA sources: not found: {files}")
     ops = [n for op in roialign_cy.OPERATORS for n in (op, roialign_cy.gradient_of(op))
            if hasattr(roialign_cy, n)]
     print(f"operators: {', '.join(ops) if ops else 'none yet'}")

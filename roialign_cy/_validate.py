@@ -9,6 +9,7 @@ import operator
 
 import numpy as np
 
+from ._buffers import host_array
 from ._params import DEFAULT_MAX_SAMPLES_PER_BIN, LAYOUTS, MODES
 
 FLOAT_DTYPES = {"cpu": ("float32", "float64"), "cuda": ("float16", "float32", "float64")}
@@ -371,30 +372,17 @@ def check_out(out, shape, dtype, backend):
     return out
 
 
-# host arrays at least this large are faulted in by the calling thread before the kernels run
-PREFAULT_BYTES = 4 << 20
-
-
 def allocate(xp, shape, dtype, name, zeros=False):
     """An output array, or a MemoryError that names the output (numpy says "array is too big"
-    with a ValueError for shapes past the address space).
-
-    A large zeroed host array (a gradient) comes from fresh pages that the OS maps on first
-    touch. Touched first by the scattered additions of several kernel threads at once, their
-    page faults contend in the kernel (measured: a 60 MB gradient took 46 ms to fill on 2 threads
-    against 22 ms when already mapped), so one byte per page is touched first, in order, by the
-    threads (10 ms for 124 MB on 2 threads here, 15 ms on one). Outputs, written in order, gain
-    nothing from it."""
+    with a ValueError for shapes past the address space). Large host arrays come from the
+    block cache of ``_buffers`` (reused, already mapped memory)."""
     try:
-        a = (xp.zeros if zeros else xp.empty)(shape, dtype)
+        if xp is np:
+            return host_array(shape, dtype, zeros)
+        return (xp.zeros if zeros else xp.empty)(shape, dtype)
     except (ValueError, MemoryError) as exc:
         raise MemoryError(f"cannot allocate {name} of shape {tuple(shape)} and dtype "
                           f"{np.dtype(dtype).name}: {exc}") from None
-    if zeros and xp is np and a.nbytes >= PREFAULT_BYTES:
-        from ._cpu import _openmp, effective_n_threads
-
-        _openmp.touch_pages(a.reshape(-1).view(np.uint8), 4096, effective_n_threads())
-    return a
 
 
 def no_overlap(out, inputs):

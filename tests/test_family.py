@@ -428,3 +428,47 @@ def test_zero_corner_times_a_scale_past_float32(op):
     else:  # channel (c * 2 + ph) * 2 + pw of the one output channel; bin (0, 0) reads channel 0
         np.testing.assert_array_equal(out[0, 0, 0, 0], x[1, 0].mean())
         assert not out[0, 0].ravel()[1:].any()
+
+
+@pytest.fixture(params=["blocks", "planes"])
+def ps_loops(request):
+    """The position-sensitive operators' NCHW block loops (channels-last copies of the planes a
+    bin reads) or their plane loops, forced in the kernel modules."""
+    from roialign_cy import _cpu
+
+    before = _cpu.force_ps_blocks(request.param == "blocks")
+    yield request.param
+    _cpu.force_ps_blocks(before)
+
+
+@pytest.mark.parametrize("op", ["ps_roi_align", "ps_roi_pool"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c_out", [1, 16, 21])
+@pytest.mark.parametrize("chunk", [None, 300])
+def test_ps_loops_match_the_reference_and_each_other(rng, ps_loops, op, dtype, c_out, chunk,
+                                                     monkeypatch):
+    """Both NCHW loop orders (a block of 1 channel, a full one, a full and a partial one), with
+    edge boxes, an image without boxes and, with ``chunk``, tables built in several runs of boxes:
+    values and gradients against the reference, and bit for bit against the NHWC kernels, which
+    the forcing does not touch."""
+    from roialign_cy import _cpu
+
+    if chunk:
+        monkeypatch.setattr(_cpu, "TABLE_ENTRIES_PER_CHUNK", chunk)
+    pooled, scale, sr = (3, 2), 0.5, (2 if c_out != 16 else -1)
+    x = make_features(rng, 3, c_out * 6, 9, 13, dtype)
+    boxes = np.concatenate([random_boxes(rng, 40, 2, 9, 13, scale),
+                            edge_case_boxes(rng, 2, 9, 13, scale)])  # image 2 has none
+    boxes = sort_by_image(boxes).astype(dtype)
+    kw = dict(allow_inverted=True)
+    out = call(op, x, boxes, pooled, scale, sr, **kw)
+    assert_close(out, reference(op, x, boxes, pooled, scale, sr, dtype), dtype, "forward")
+    np.testing.assert_array_equal(out, to_nchw(call(op, to_nhwc(x), boxes, pooled, scale, sr,
+                                                    layout="NHWC", **kw)))
+    g = rng.standard_normal(out.shape).astype(dtype)
+    grad = call_backward(op, g, x, boxes, pooled, scale, sr, **kw)
+    assert_close(grad, reference_backward(op, g, x, boxes, pooled, scale, sr, dtype), dtype,
+                 "gradient")
+    assert not grad[2].any()
+    nhwc = call_backward(op, to_nhwc(g), to_nhwc(x), boxes, pooled, scale, sr, layout="NHWC", **kw)
+    np.testing.assert_array_equal(grad, to_nchw(nhwc))

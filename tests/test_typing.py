@@ -12,7 +12,7 @@ pytest.importorskip("mypy", reason="mypy is not installed (pip install '.[test]'
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODULES = ["roialign_cy/__init__.py", "roialign_cy/_api.py", "roialign_cy/_multiscale.py",
-           "roialign_cy/torch.py"]
+           "roialign_cy/_buffers.py", "roialign_cy/torch.py"]
 
 # Modules reached through imports are analysed but only the files named are reported on;
 # cupy ships no type information.
@@ -59,6 +59,8 @@ z: torch.Tensor = rt.roi_align_rotated(x, torch.zeros(1, 6), 2, clockwise=True)
 pooler = rt.MultiScaleRoIAlign(["0"], 7, 2, canonical_scale=224)
 p: torch.Tensor = pooler({"0": x}, [torch.from_numpy(b[:, 1:])], [(8, 8)])
 m: torch.nn.Module = rt.RoIAlign(7, 0.25, 2, aligned=True)
+assert_type(roialign_cy.set_output_cache(1 << 20), int)
+assert_type(roialign_cy.output_cache()["idle_bytes"], int)
 """
 
 # each line marked "# error" must be reported, and nothing else
@@ -76,6 +78,7 @@ roialign_cy.roi_align_backward(b, f, b, 2, wrt="input")  # error
 g: np.ndarray = roialign_cy.roi_align_backward(b, f, b, 2, wrt="both")  # error
 roialign_cy.multi_scale_roi_align([f], b, 2, [1.0], assign="mmdet")  # error
 rt.roi_align(torch.zeros(1), torch.zeros(1, 5), 2, aligned="yes")  # error
+roialign_cy.set_output_cache(1.5e9)  # error
 """
 
 

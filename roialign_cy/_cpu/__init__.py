@@ -136,6 +136,20 @@ def _chunks(sizes):
         yield j0, len(sizes)
 
 
+_ps_forced = None
+
+
+def force_ps_blocks(value):
+    """Force the NCHW loop order of ps_roi_align and ps_roi_pool (True: blocks, False: planes,
+    None: the cost model's choice, _cost.pxd), for the tests and benchmarks that compare both;
+    returns the previous setting."""
+    global _ps_forced
+    previous, _ps_forced = _ps_forced, value
+    for module in (_roi_align, _roi_pool):
+        module._set_ps_forced(-1 if value is None else int(bool(value)))
+    return previous
+
+
 def _use_blocks(samples, c, h, w, n, itemsize, tasks, n_threads, forward):
     """Whether the NCHW kernels copy blocks of planes to channels-last scratch (see
     ``_roi_align.use_blocks``)."""

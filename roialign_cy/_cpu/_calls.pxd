@@ -230,12 +230,17 @@ cdef inline bint small_sizes(Sizes* z, const Py_ssize_t* box_shape, Py_ssize_t b
 
 
 cdef inline object small_output(Py_ssize_t K, Py_ssize_t C, Py_ssize_t PH, Py_ssize_t PW,
-                                bint channels_last, object empty, object dtype):
-    """The (K, C, PH, PW) (NHWC: (K, PH, PW, C)) output of a small call, from ``empty``
-    (numpy's, given by the caller), or None when it does not fit in memory: the call is then
-    declined, and the general path says so with its message."""
+                                bint channels_last, object dtype, Py_ssize_t itemsize,
+                                object empty, object host_array):
+    """The (K, C, PH, PW) (NHWC: (K, PH, PW, C)) output of a small call, or None when it does not
+    fit in memory: the call is then declined, and the general path says so with its message.
+    From ``empty`` (numpy's, given by the caller) below 1 MiB, which never reaches the output
+    cache (its minimum is larger), else from ``host_array`` (_buffers: reused blocks)."""
+    shape = (K, PH, PW, C) if channels_last else (K, C, PH, PW)
     try:
-        return empty((K, PH, PW, C) if channels_last else (K, C, PH, PW), dtype)
+        if <double>K * C * PH * PW * itemsize < (1 << 20):
+            return empty(shape, dtype)
+        return host_array(shape, dtype)
     except (MemoryError, ValueError):
         return None
 

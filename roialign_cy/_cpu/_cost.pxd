@@ -23,8 +23,21 @@ cdef extern from *:
        (2, 256, 200, 304) (benchmarks/README.md, "Cost model"); above it the blocks win by up to
        4x (e.g. 100 boxes 7x7 on (2, 256, 100, 152): 0.64 samples per pixel, 3.0 against 6.9 ms). */
     #define ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL 0.2
+    /* The position-sensitive operators on NCHW maps: bin (ph, pw) of output channels c..c+LANES
+       reads planes PH * PW apart, which the block loops copy to channels-last scratch (one task
+       per image, bin and LANES output channels) when the plane loops would read at least this
+       many values per feature pixel: one per sample (ps_roi_align) or window pixel (ps_roi_pool)
+       and output channel. Measured by forcing each order, forwards and gradients, on
+       (2, 490, 100, 152) and (1, 490, 50, 68) with 1-2000 boxes (benchmarks/README.md, "Cost
+       model"): break-even about 0.2 and 0.5; the R-FCN box head (2000 boxes, 0.26 and 0.47)
+       took 16.3 -> 11.8 ms (ps_roi_align) and 11.8 -> 9.4 ms (ps_roi_pool gradient) on 2
+       threads. */
+    #define ROIALIGN_PS_ALIGN_MIN_READS_PER_PIXEL 0.2
+    #define ROIALIGN_PS_POOL_MIN_READS_PER_PIXEL 0.5
     """
     const double INTERLEAVE_MIN_SAMPLES_PER_PIXEL "ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL"
+    const double PS_ALIGN_MIN_READS_PER_PIXEL "ROIALIGN_PS_ALIGN_MIN_READS_PER_PIXEL"
+    const double PS_POOL_MIN_READS_PER_PIXEL "ROIALIGN_PS_POOL_MIN_READS_PER_PIXEL"
 
 
 cdef inline int threads_for_work(int wanted, double n_outputs, double sampling_ratio) noexcept nogil:
@@ -57,3 +70,17 @@ cdef inline bint blocks_pay(double samples, Py_ssize_t c, Py_ssize_t h, Py_ssize
     if forward and tasks < n_threads:
         return False
     return samples >= INTERLEAVE_MIN_SAMPLES_PER_PIXEL * n * h * w
+
+
+cdef inline bint ps_blocks_pay(int forced, double reads, double min_reads, Py_ssize_t n,
+                               Py_ssize_t c, Py_ssize_t h, Py_ssize_t w,
+                               Py_ssize_t itemsize) noexcept nogil:
+    """Whether a position-sensitive call on NCHW maps (n, c, h, w) copies blocks of LANES output
+    channels of a bin to channels-last scratch: when its plane loops would make ``reads`` reads,
+    at least ``min_reads`` (PS_*_MIN_READS_PER_PIXEL) per feature pixel, and the scratch fits
+    SCRATCH_BYTES. ``forced``: -1 by this rule, else 0 (planes) or 1 (blocks)."""
+    if h * w * LANES * itemsize > SCRATCH_BYTES:
+        return False
+    if forced >= 0:
+        return forced == 1
+    return reads >= min_reads * n * c * h * w

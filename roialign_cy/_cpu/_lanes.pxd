@@ -160,6 +160,26 @@ cdef inline BlockTask block_task(Py_ssize_t task, Py_ssize_t blocks, Py_ssize_t 
     return b
 
 
+cdef struct PsTask:
+    # one task of the position-sensitive block loops: image n, bin q (= ph * PW + pw), output
+    # channels c0..c0+nb, and the run lo..hi of the image's boxes within positions j0..j1
+    Py_ssize_t n, q, c0, nb, lo, hi
+
+
+cdef inline PsTask ps_task(Py_ssize_t task, Py_ssize_t bins, Py_ssize_t Co,
+                           const int64_t* img_start, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """Task number -> PsTask, for tasks ordered by (image, bin, block of LANES output channels)."""
+    cdef PsTask t
+    cdef Py_ssize_t blocks = (Co + LANES - 1) // LANES
+    t.n = task // (bins * blocks)
+    t.q = (task // blocks) % bins
+    t.c0 = (task % blocks) * LANES
+    t.nb = Co - t.c0 if Co - t.c0 < LANES else LANES
+    t.lo = img_start[t.n] if img_start[t.n] > j0 else j0
+    t.hi = img_start[t.n + 1] if img_start[t.n + 1] < j1 else j1
+    return t
+
+
 cdef inline void interleave_planes(const floating* planes, Py_ssize_t plane_size, Py_ssize_t n_planes,
                             floating* block, Py_ssize_t n_pixels=-1) noexcept nogil:
     """block[i * LANES + c] = planes[c * plane_size + i] for i < n_pixels (default: plane_size);

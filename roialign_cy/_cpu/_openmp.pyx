@@ -4,6 +4,7 @@ baseline instruction set on every platform."""
 import os
 
 from cython.parallel cimport prange
+from libc.string cimport memset
 
 cdef extern from *:
     """
@@ -113,3 +114,12 @@ def touch_pages(unsigned char[::1] buf, Py_ssize_t page, int n_threads):
         return
     for i in prange(n, nogil=True, schedule="static", num_threads=n_threads):
         buf[i * page] = 0
+
+
+def zero_fill(unsigned char[::1] buf, int n_threads):
+    """Zero a buffer, each thread a contiguous share (a reused gradient block: several threads
+    fill memory faster than one)."""
+    cdef Py_ssize_t n = buf.shape[0], chunk = 1 << 20
+    cdef Py_ssize_t i, m = (n + chunk - 1) // chunk
+    for i in prange(m, nogil=True, schedule="static", num_threads=n_threads):
+        memset(&buf[i * chunk], 0, min(chunk, n - i * chunk))

@@ -29,13 +29,17 @@ from libc.string cimport memset
 
 import numpy as np
 
+from .._buffers import host_array
+
 from ._openmp import effective_n_threads
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
-from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
-                      deinterleave_bins, interleave_planes, scratch_close, scratch_open)
+from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
+                      check_scratch, deinterleave_bins, interleave_planes, ps_task, scratch_close,
+                      scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
-from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
+from ._cost cimport (PS_ALIGN_MIN_READS_PER_PIXEL, blocks_pay, ps_blocks_pay, threads_for_tables,
+                     threads_for_work)
 from ._calls cimport (Plain, Sizes, plain_call, plain_flag, plain_int, positions, scan_boxes,
                       row_order, small_block, small_output, small_sizes, sort_by_image,
                       visited_at)
@@ -1041,14 +1045,48 @@ def ps_forward(const floating[:, :, :, ::1] x, const int64_t[::1] order,
     ps_pool), visiting them in the order ``visit`` (as forward)."""
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef BoxRun R
+    cdef Py_ssize_t failed
     R.order, R.key_start, R.gh, R.gw, R.j0, R.j1 = &order[0], &img_start[0], &gh[0], &gw[0], j0, j1
     R.visit = positions(visit, j0, j1)
     with nogil:
-        ps_pool(&x[0, 0, 0, 0], &out[0, 0, 0, 0], &s, &R, &t.ts, n_threads)
+        failed = ps_pool(&x[0, 0, 0, 0], &out[0, 0, 0, 0], &s, &R, &t.ts, n_threads)
+    check_scratch(failed)
 
 
-cdef void ps_pool(const floating* X, floating* O, const Shape* s, const BoxRun* R,
-                  const TableSet* T, int n_threads) noexcept nogil:
+# the position-sensitive NCHW loop order: -1 by the cost model, 0 planes, 1 blocks (set by
+# roialign_cy._cpu.force_ps_blocks)
+cdef int _ps_forced = -1
+
+
+def _set_ps_forced(int value):
+    global _ps_forced
+    _ps_forced = value
+
+
+cdef inline double ps_reads(const BoxRun* R, const Shape* s) noexcept nogil:
+    """Reads of ps_roi_align's plane loops: a sample per output channel and bin."""
+    cdef double samples = 0
+    cdef Py_ssize_t j, k
+    for j in range(R.j0, R.j1):
+        k = R.order[j]
+        samples += <double>R.gh[k] * R.gw[k]
+    return samples * s.PH * s.PW * s.Co
+
+
+cdef Py_ssize_t ps_pool(const floating* X, floating* O, const Shape* s, const BoxRun* R,
+                        const TableSet* T, int n_threads) noexcept nogil:
+    """Pool the boxes of ``R``: the plane loops, or on NCHW maps the block loops when they pay
+    (ps_blocks_pay). Returns 0, or the bytes of per-thread scratch that could not be allocated."""
+    if not s.channels_last and ps_blocks_pay(_ps_forced, ps_reads(R, s),
+                                             PS_ALIGN_MIN_READS_PER_PIXEL, s.N, s.C, s.H, s.W,
+                                             sizeof(floating)):
+        return ps_blocks(<floating*>X, O, s, R, T, n_threads, False)
+    ps_pool_planes(X, O, s, R, T, n_threads)
+    return 0
+
+
+cdef void ps_pool_planes(const floating* X, floating* O, const Shape* s, const BoxRun* R,
+                         const TableSet* T, int n_threads) noexcept nogil:
     """One task per (image, output channel c, bin row ph, run of the image's boxes), which owns
     the PW input planes of that row: few enough to stay in cache, and a box's tables and outputs
     are visited once per PW bins. (R's level and batch_idx are not read.)"""
@@ -1077,6 +1115,130 @@ cdef void ps_pool(const floating* X, floating* O, const Shape* s, const BoxRun* 
                     X + plane_offset(s, n, (co * PH + ph) * PW + pw), cs, s.W, &A, ph, pw)
 
 
+cdef void ps_bin_lanes(const floating* block, Py_ssize_t W, const Axes* A, Py_ssize_t ph,
+                       Py_ssize_t pw, Py_ssize_t n_lanes, floating* o,
+                       Py_ssize_t o_stride) noexcept nogil:
+    """ps_average of bin (ph, pw) on each lane of a channels-last block (the same operations in
+    the same order, lane by lane), into o[c * o_stride] for c < n_lanes."""
+    cdef Py_ssize_t iy, ix, a, b, c
+    cdef floating acc[LANES]
+    cdef floating count
+    cdef const floating* p00
+    cdef const floating* p01
+    cdef const floating* p10
+    cdef const floating* p11
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
+    if A.gh == 0 or A.gw == 0:
+        for c in range(n_lanes):
+            o[c * o_stride] = 0
+        return
+    for c in range(LANES):
+        acc[c] = 0
+    for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
+        a = ph * A.gh + iy
+        for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
+            b = pw * A.gw + ix
+            p00 = block + (A.ylo[a] * W + A.xlo[b]) * LANES
+            p01 = block + (A.ylo[a] * W + A.xhi[b]) * LANES
+            p10 = block + (A.yhi[a] * W + A.xlo[b]) * LANES
+            p11 = block + (A.yhi[a] * W + A.xhi[b]) * LANES
+            for c in range(LANES):
+                acc[c] = acc[c] + bilerp(wy0[a], wy1[a], wx0[b], wx1[b], p00[c], p01[c], p10[c],
+                                         p11[c])
+    count = <floating>(A.gh * A.gw)
+    for c in range(n_lanes):
+        o[c * o_stride] = acc[c] / count
+
+
+cdef void ps_spread_lanes(floating* gblock, Py_ssize_t W, const Axes* A, Py_ssize_t ph,
+                          Py_ssize_t pw, Py_ssize_t n_lanes, const floating* g,
+                          Py_ssize_t g_stride) noexcept nogil:
+    """ps_scatter of bin (ph, pw) on each lane of a channels-last gradient block, lane c sending
+    g[c * g_stride] (the same operations in the same order, lane by lane)."""
+    cdef Py_ssize_t iy, ix, a, b, c
+    cdef floating gl[LANES]
+    cdef floating count, w00, w01, w10, w11
+    cdef floating* p00
+    cdef floating* p01
+    cdef floating* p10
+    cdef floating* p11
+    cdef const floating* wy0 = <const floating*>A.wy0
+    cdef const floating* wy1 = <const floating*>A.wy1
+    cdef const floating* wx0 = <const floating*>A.wx0
+    cdef const floating* wx1 = <const floating*>A.wx1
+    if A.gh == 0 or A.gw == 0:
+        return
+    for c in range(LANES):
+        gl[c] = g[c * g_stride] if c < n_lanes else 0
+    count = <floating>(A.gh * A.gw)
+    for iy in range(A.yr[2 * ph], A.yr[2 * ph + 1]):
+        a = ph * A.gh + iy
+        for ix in range(A.xr[2 * pw], A.xr[2 * pw + 1]):
+            b = pw * A.gw + ix
+            w00, w01 = wy0[a] * wx0[b], wy0[a] * wx1[b]
+            w10, w11 = wy1[a] * wx0[b], wy1[a] * wx1[b]
+            p00 = gblock + (A.ylo[a] * W + A.xlo[b]) * LANES
+            p01 = gblock + (A.ylo[a] * W + A.xhi[b]) * LANES
+            p10 = gblock + (A.yhi[a] * W + A.xlo[b]) * LANES
+            p11 = gblock + (A.yhi[a] * W + A.xhi[b]) * LANES
+            for c in range(LANES):
+                p00[c] += gl[c] * w00 / count
+            for c in range(LANES):
+                p01[c] += gl[c] * w01 / count
+            for c in range(LANES):
+                p10[c] += gl[c] * w10 / count
+            for c in range(LANES):
+                p11[c] += gl[c] * w11 / count
+
+
+cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const BoxRun* R,
+                          const TableSet* T, int n_threads, bint backward) noexcept nogil:
+    """NCHW: one task per (image, bin, block of LANES output channels). Bin (ph, pw) of output
+    channels c..c+LANES reads planes PH * PW apart: the task copies them to channels-last scratch
+    (about 1 MB on an R-FCN map, which stays in L2). The forward (``maps``: the features, read
+    only; ``outs``: the output) pools that bin of every box of the image from it with vector code
+    over the channels. The gradient (``maps``: the feature gradient; ``outs``: the output
+    gradient, read only) adds the bin's terms of the image's boxes, in box order, to the copy of
+    its gradient planes and copies it back: each pixel gets the additions of the plane loops in
+    their order (the same bits, also when the boxes come in several runs). Returns 0, or the
+    bytes of per-thread scratch that could not be allocated."""
+    cdef Py_ssize_t Co = s.Co, PW = s.PW, H = s.H, W = s.W, bins = s.PH * s.PW
+    cdef Py_ssize_t task, v, j, k
+    cdef floating* scratch
+    cdef floating* planes
+    cdef Axes A
+    cdef Scratch sc
+    cdef PsTask b
+    cdef size_t failed = 0
+    with parallel(num_threads=n_threads):
+        sc = scratch_open(&failed, H * W * LANES * sizeof(floating), 0)
+        scratch = <floating*>sc.a
+        for task in prange(s.N * bins * ((Co + LANES - 1) // LANES), schedule="dynamic"):
+            b = ps_task(task, bins, Co, R.key_start, R.j0, R.j1)
+            if not sc.ok or b.lo >= b.hi:
+                continue  # (a failed scratch is reported after the parallel region)
+            planes = maps + (b.n * s.C + b.c0 * bins + b.q) * H * W
+            interleave_planes(planes, bins * H * W, b.nb, scratch, H * W)
+            for v in range(b.lo, b.hi):
+                # the gradient keeps the image order, which its sums follow
+                j = v if backward else visited_at(R.visit, R.j0, v)
+                k = R.order[j]
+                A = axes_at(T, j - R.j0, R.gh[k], R.gw[k])
+                if backward:
+                    ps_spread_lanes(scratch, W, &A, b.q // PW, b.q % PW, b.nb,
+                                    outs + (k * Co + b.c0) * bins + b.q, bins)
+                else:
+                    ps_bin_lanes(scratch, W, &A, b.q // PW, b.q % PW, b.nb,
+                                 outs + (k * Co + b.c0) * bins + b.q, bins)
+            if backward:
+                deinterleave_bins(scratch, H * W, b.nb, planes, bins * H * W)
+        scratch_close(&sc)
+    return failed
+
+
 def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad,
                 const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
                 Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
@@ -1086,11 +1248,21 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
     terms in box order (bit-identical for any thread count)."""
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t N = s.N, Co = s.Co, PH = s.PH, PW = s.PW, cs = s.C if channels_last else 1
-    cdef Py_ssize_t task, n, co, j, k, ph, pw
+    cdef Py_ssize_t task, n, co, j, k, ph, pw, failed
     cdef const TableSet* T = &t.ts
     cdef Axes A
+    cdef BoxRun R
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
+    R.order, R.key_start, R.gh, R.gw, R.j0, R.j1 = &order[0], &img_start[0], &gh[0], &gw[0], j0, j1
+    R.visit = NULL
+    if not channels_last and ps_blocks_pay(_ps_forced, ps_reads(&R, &s),
+                                           PS_ALIGN_MIN_READS_PER_PIXEL, s.N, s.C, s.H, s.W,
+                                           sizeof(floating)):
+        with nogil:
+            failed = ps_blocks(GX, <floating*>G, &s, &R, T, n_threads, True)
+        check_scratch(failed)
+        return
     for task in prange(N * Co * PH, nogil=True, schedule="dynamic", num_threads=n_threads):
         n = task // (Co * PH)
         co = (task // PH) % Co
@@ -1247,8 +1419,9 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
             weights = <char*>calloc(table_weights(ny, nx), sizeof(floating))
     out = None
     if ok and ints != NULL and weights != NULL:
-        out = small_output(K, Co, PH, PW, channels_last, np.empty,
-                           np.float32 if floating is float else np.float64)
+        out = small_output(K, Co, PH, PW, channels_last,
+                           np.float32 if floating is float else np.float64,
+                           sizeof(floating), np.empty, host_array)
     if out is None:  # declined, or past memory: the general path checks it, or says so
         free(block)
         free(ints)
@@ -1275,7 +1448,7 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
         fill_tables(rois, order, 0, K, gh, gw, level, &extent[0], &extent[1], scales, aligned,
                     &T, threads_for_tables(n_threads, K))
         if position_sensitive:
-            ps_pool(&x[0, 0, 0, 0], &o[0, 0, 0, 0], &shape, &R, &T, n_threads)
+            failed = ps_pool(&x[0, 0, 0, 0], &o[0, 0, 0, 0], &shape, &R, &T, n_threads)
         else:
             failed = pool_boxes(&M, 1, N, C, PH, PW, &R, &T, &o[0, 0, 0, 0], mode,
                                 channels_last, &blocks, n_threads)

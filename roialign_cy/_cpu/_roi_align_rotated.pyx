@@ -21,6 +21,8 @@ from libc.string cimport memset
 
 import numpy as np
 
+from .._buffers import host_array
+
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
 from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
@@ -665,8 +667,9 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
             nv = <Py_ssize_t*>calloc(boff[K] + 1, sizeof(Py_ssize_t))
     out = None
     if ok and idx != NULL and w != NULL and nv != NULL:
-        out = small_output(K, C, PH, PW, channels_last, np.empty,
-                           np.float32 if floating is float else np.float64)
+        out = small_output(K, C, PH, PW, channels_last,
+                           np.float32 if floating is float else np.float64,
+                           sizeof(floating), np.empty, host_array)
     if out is None:  # declined, or past memory: the general path checks it, or says so
         free(block)
         free(idx)

@@ -22,11 +22,15 @@ from libc.string cimport memset
 
 import numpy as np
 
+from .._buffers import host_array
+
 from ._geometry cimport takes_max
-from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
-                      deinterleave_bins, interleave_planes, scratch_close, scratch_open)
+from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
+                      check_scratch, deinterleave_bins, interleave_planes, ps_task, scratch_close,
+                      scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
-from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
+from ._cost cimport (PS_POOL_MIN_READS_PER_PIXEL, blocks_pay, ps_blocks_pay, threads_for_tables,
+                     threads_for_work)
 from ._calls cimport (Plain, Sizes, plain_call, positions, row_order, scan_boxes, small_block,
                       small_output, small_sizes, sort_by_image, visited_at)
 from ._openmp import effective_n_threads
@@ -229,22 +233,53 @@ def forward(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef Shape s = shape_of(x.shape, out.shape, channels_last)
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
     cdef const int64_t* V = positions(visit, 0, order.shape[0])
+    cdef Py_ssize_t failed
     with nogil:
-        pool_planes(&x[0, 0, 0, 0], &out[0, 0, 0, 0], AM, &s, &win[0, 0], win.shape[1],
-                    &order[0], V, &img_start[0], order.shape[0], op, n_threads)
+        failed = pool_planes(&x[0, 0, 0, 0], &out[0, 0, 0, 0], AM, &s, &win[0, 0], win.shape[1],
+                             &order[0], V, &img_start[0], order.shape[0], op, n_threads)
+    check_scratch(failed)
 
 
-cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* s,
-                      const int64_t* wt, Py_ssize_t row, const int64_t* order,
-                      const int64_t* visit, const int64_t* img_start, Py_ssize_t K, int op,
-                      int n_threads) noexcept nogil:
+# ps_roi_pool's NCHW loop order: -1 by the cost model, 0 planes, 1 blocks (set by
+# roialign_cy._cpu.force_ps_blocks)
+cdef int _ps_forced = -1
+
+
+def _set_ps_forced(int value):
+    global _ps_forced
+    _ps_forced = value
+
+
+cdef inline bint takes_ps_blocks(const Shape* s, const int64_t* wt, Py_ssize_t row, Py_ssize_t K,
+                           Py_ssize_t itemsize) noexcept nogil:
+    """Whether ps_roi_pool on these windows takes the block loops (ps_blocks_pay, counting a
+    read per window pixel and output channel)."""
+    cdef double reads = 0
+    cdef Py_ssize_t q
+    if s.channels_last:
+        return False
+    for q in range(K):
+        reads += (<double>window_extent(wt + q * row, s.PH)
+                  * window_extent(wt + q * row + 2 * s.PH, s.PW))
+    return ps_blocks_pay(_ps_forced, reads * s.Co, PS_POOL_MIN_READS_PER_PIXEL, s.N, s.C, s.H,
+                         s.W, itemsize)
+
+
+cdef Py_ssize_t pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* s,
+                            const int64_t* wt, Py_ssize_t row, const int64_t* order,
+                            const int64_t* visit, const int64_t* img_start, Py_ssize_t K, int op,
+                            int n_threads) noexcept nogil:
     """A task owns a group of planes of one image: one plane (roi_pool), or the PW planes of one
     bin row of an output channel (ps_roi_pool: they stay in L2, and a box's outputs of the row
     are written together), and a run of the image's boxes (``row``: entries per box of the
-    windows table ``wt``)."""
+    windows table ``wt``). ps_roi_pool on NCHW maps takes the block loops when they pay
+    (ps_blocks). Returns 0, or the bytes of per-thread scratch that could not be
+    allocated."""
     cdef Py_ssize_t cs = s.C if s.channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
     cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, v, a, b, pw, chunk, PH = s.PH
+    if op == OP_PS_ROI_POOL and takes_ps_blocks(s, wt, row, K, sizeof(floating)):
+        return ps_blocks(<floating*>X, O, s, wt, row, order, visit, img_start, n_threads, False)
     # split each image's boxes into runs when there are fewer groups than tasks wanted
     runs = max(1, min(K, (TASKS_PER_THREAD * n_threads + s.N * groups - 1) // (s.N * groups)))
     for task in prange(s.N * groups * runs, schedule="dynamic", num_threads=n_threads):
@@ -267,6 +302,94 @@ cdef void pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* 
                          s.PW - pw if s.PW - pw < ROW_CHAINS else ROW_CHAINS,
                          O + out_index(s, order[j], g // PH, g % PH, pw),
                          out_index(s, 0, 0, 0, 1))
+    return 0
+
+
+cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const int64_t* wt,
+                          Py_ssize_t row, const int64_t* order, const int64_t* visit,
+                          const int64_t* img_start, int n_threads, bint backward) noexcept nogil:
+    """ps_roi_pool on NCHW maps: one task per (image, bin, block of LANES output channels), which
+    copies the planes that bin reads (PH * PW apart) to channels-last scratch. The forward
+    (``maps``: the features, read only; ``outs``: the output) averages that bin of every box of
+    the image from it, over the channels with vector code (each lane sums its window in
+    mean_window's order: the same bits). The gradient (``maps``: the feature gradient; ``outs``:
+    the output gradient, read only) adds the bin's shares of the image's boxes, in box order, to
+    the copy of its gradient planes and copies it back (spread_row's additions in its order).
+    Returns 0, or the bytes of per-thread scratch that could not be allocated."""
+    cdef Py_ssize_t Co = s.Co, PH = s.PH, PW = s.PW, H = s.H, W = s.W, bins = PH * PW
+    cdef Py_ssize_t task, v, j
+    cdef floating* scratch
+    cdef floating* planes
+    cdef Scratch sc
+    cdef PsTask b
+    cdef size_t failed = 0
+    with parallel(num_threads=n_threads):
+        sc = scratch_open(&failed, H * W * LANES * sizeof(floating), 0)
+        scratch = <floating*>sc.a
+        for task in prange(s.N * bins * ((Co + LANES - 1) // LANES), schedule="dynamic"):
+            b = ps_task(task, bins, Co, img_start, 0, img_start[s.N])
+            if not sc.ok or b.lo >= b.hi:
+                continue  # (a failed scratch is reported after the parallel region)
+            planes = maps + (b.n * s.C + b.c0 * bins + b.q) * H * W
+            interleave_planes(planes, bins * H * W, b.nb, scratch, H * W)
+            for v in range(b.lo, b.hi):
+                j = v if backward else visited_at(visit, 0, v)  # (the gradient: box order)
+                if backward:
+                    spread_lanes(scratch, W, wt + j * row + 2 * (b.q // PW),
+                                 wt + j * row + 2 * PH + 2 * (b.q % PW), b.nb,
+                                 outs + (order[j] * Co + b.c0) * bins + b.q, bins)
+                else:
+                    mean_lanes(scratch, W, wt + j * row + 2 * (b.q // PW),
+                               wt + j * row + 2 * PH + 2 * (b.q % PW), b.nb,
+                               outs + (order[j] * Co + b.c0) * bins + b.q, bins)
+            if backward:
+                deinterleave_bins(scratch, H * W, b.nb, planes, bins * H * W)
+        scratch_close(&sc)
+    return failed
+
+
+cdef void mean_lanes(const floating* block, Py_ssize_t W, const int64_t* wy, const int64_t* wx,
+                     Py_ssize_t n_lanes, floating* o, Py_ssize_t o_stride) noexcept nogil:
+    """mean_window of the window rows wy[0]..wy[1], columns wx[0]..wx[1] on each lane of a
+    channels-last block, into o[c * o_stride] for c < n_lanes; an empty window gives 0."""
+    cdef floating acc[LANES]
+    cdef floating area
+    cdef Py_ssize_t y, x, c
+    cdef const floating* p
+    if wy[1] <= wy[0] or wx[1] <= wx[0]:
+        for c in range(n_lanes):
+            o[c * o_stride] = 0
+        return
+    for c in range(LANES):
+        acc[c] = 0
+    for y in range(wy[0], wy[1]):
+        for x in range(wx[0], wx[1]):
+            p = block + (y * W + x) * LANES
+            for c in range(LANES):
+                acc[c] = acc[c] + p[c]
+    area = <floating>((wy[1] - wy[0]) * (wx[1] - wx[0]))
+    for c in range(n_lanes):
+        o[c * o_stride] = acc[c] / area
+
+
+cdef void spread_lanes(floating* gblock, Py_ssize_t W, const int64_t* wy, const int64_t* wx,
+                       Py_ssize_t n_lanes, const floating* g, Py_ssize_t g_stride) noexcept nogil:
+    """The gradient of mean_lanes: lane c's g[c * g_stride] / area added to every pixel of the
+    window (as spread_row adds it)."""
+    cdef floating share[LANES]
+    cdef floating area
+    cdef Py_ssize_t y, x, c
+    cdef floating* p
+    if wy[1] <= wy[0] or wx[1] <= wx[0]:
+        return
+    area = <floating>((wy[1] - wy[0]) * (wx[1] - wx[0]))
+    for c in range(LANES):
+        share[c] = g[c * g_stride] / area if c < n_lanes else 0
+    for y in range(wy[0], wy[1]):
+        for x in range(wx[0], wx[1]):
+            p = gblock + (y * W + x) * LANES
+            for c in range(LANES):
+                p[c] += share[c]
 
 
 cdef inline void mean_row(const floating* plane, Py_ssize_t plane_stride, Py_ssize_t cs,
@@ -357,7 +480,13 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
     cdef const int64_t* wt = &win[0, 0]
-    cdef Py_ssize_t row = win.shape[1], PH = s.PH
+    cdef Py_ssize_t row = win.shape[1], PH = s.PH, failed
+    if op == OP_PS_ROI_POOL and takes_ps_blocks(&s, wt, row, order.shape[0], sizeof(floating)):
+        with nogil:
+            failed = ps_blocks(GX, <floating*>G, &s, wt, row, &order[0], NULL, &img_start[0],
+                               n_threads, True)
+        check_scratch(failed)
+        return
     for task in prange(s.N * groups, nogil=True, schedule="dynamic", num_threads=n_threads):
         n = task // groups
         g = task % groups
@@ -766,17 +895,20 @@ cdef object small_forward(const floating[:, :, :, ::1] x, const floating[:, :] b
         ok = False  # the block loops: the general path's (bit-identical, faster in bulk)
     out = None
     if ok:
-        out = small_output(K, Co, PH, PW, channels_last, np.empty,
-                           np.float32 if floating is float else np.float64)
+        out = small_output(K, Co, PH, PW, channels_last,
+                           np.float32 if floating is float else np.float64,
+                           sizeof(floating), np.empty, host_array)
     if out is None:  # declined, or past memory: the general path checks it, or says so
         free(block)
         return None
     cdef floating[:, :, :, ::1] o = out
     cdef Shape shape = shape_of(x.shape, o.shape, channels_last)
+    cdef Py_ssize_t failed
     with nogil:
-        pool_planes(&x[0, 0, 0, 0], &o[0, 0, 0, 0], NULL, &shape, wt, row, order, visit,
-                    img_start, K, op, n_threads)
+        failed = pool_planes(&x[0, 0, 0, 0], &o[0, 0, 0, 0], NULL, &shape, wt, row, order, visit,
+                             img_start, K, op, n_threads)
     free(block)
+    check_scratch(failed)
     return out
 
 

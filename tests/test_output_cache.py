@@ -1,0 +1,162 @@
+"""The output block cache (_buffers): large host outputs reuse the memory of dropped ones, never
+of live ones (or their views), come back zeroed where the operator needs it, and the cache can be
+sized or turned off."""
+import gc
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import roialign_cy
+from roialign_cy import _buffers
+
+BIG = (2, 64, 96, 96)  # 4.5 MiB of float32 gradient: above the cache's minimum size
+BIG_BOXES = 256  # (256, 64, 7, 7) float32 output: 3 MiB... made bigger below
+
+
+@pytest.fixture
+def cache():
+    previous = roialign_cy.set_output_cache(256 << 20)
+    roialign_cy.set_output_cache(0)  # start empty
+    roialign_cy.set_output_cache(256 << 20)
+    yield
+    roialign_cy.set_output_cache(previous)
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def _problem(rng, k=600):
+    x = rng.standard_normal(BIG, dtype=np.float32)
+    c = rng.uniform(0, 96, (k, 2))
+    wh = rng.uniform(2, 40, (k, 2))
+    b = np.concatenate([rng.integers(0, 2, (k, 1)), c - wh / 2, c + wh / 2], 1).astype(np.float32)
+    return x, b
+
+
+def test_a_dropped_output_is_reused_and_a_live_one_never(rng, cache):
+    x, b = _problem(rng)
+    first = roialign_cy.roi_align(x, b, 7, 1.0, 2, True)
+    assert first.nbytes >= _buffers.MIN_BYTES and first.base is not None
+    want = first.copy()
+    addr = _address(first)
+    second = roialign_cy.roi_align(x, b, 7, 1.0, 2, True)  # first is alive: other memory
+    assert _address(second) != addr
+    np.testing.assert_array_equal(second, want)
+    del first
+    third = roialign_cy.roi_align(x, b, 7, 1.0, 2, True)
+    assert _address(third) == addr  # the dropped block, reused
+    np.testing.assert_array_equal(third, want)
+    np.testing.assert_array_equal(second, want)
+
+
+def test_a_view_keeps_the_block(rng, cache):
+    x, b = _problem(rng)
+    out = roialign_cy.roi_align(x, b, 7, 1.0, 2, True)
+    view = out[10:20]
+    addr = _address(out)
+    del out
+    gc.collect()
+    again = roialign_cy.roi_align(x, b, 7, 1.0, 2, True)
+    assert not np.shares_memory(again, view)
+    assert _address(again) != addr
+    np.testing.assert_array_equal(view, again[10:20])
+
+
+def test_reused_gradient_memory_is_zeroed(rng, cache):
+    x, b = _problem(rng, k=20)  # few boxes: most of the gradient must be exactly 0
+    g = np.ones((len(b), 64, 7, 7), np.float32)
+    want = roialign_cy.roi_align_backward(g, x.shape, b, 7, 1.0, 2, True)
+    addr = _address(want)
+    want = want.copy()
+    # dirty a block of the gradient's size, drop it, and take the gradient again
+    dirty = _buffers.host_array(BIG, np.float32)
+    dirty.fill(np.nan)
+    del dirty
+    got = roialign_cy.roi_align_backward(g, x.shape, b, 7, 1.0, 2, True)
+    assert _address(got) != 0
+    np.testing.assert_array_equal(got, want)
+    assert (want == 0).mean() > 0.5
+    del addr
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_host_array(cache, zeros):
+    a = _buffers.host_array((3, 1 << 20), np.float64, zeros)
+    assert a.shape == (3, 1 << 20) and a.dtype == np.float64 and a.flags.c_contiguous
+    assert a.flags.writeable and _address(a) % _buffers.ALIGN == 0
+    if zeros:
+        assert not a.any()
+    a[:] = 7
+    small = _buffers.host_array((10,), np.float32, zeros)  # below the minimum: plain numpy
+    assert small.base is None
+
+
+def test_blocks_of_another_size_are_not_used(cache):
+    a = _buffers.host_array((8 << 20,), np.uint8)
+    addr = _address(a)
+    del a
+    b = _buffers.host_array((4 << 20,), np.uint8)  # half the block: too wasteful to reuse
+    assert _address(b) != addr
+    c = _buffers.host_array((7 << 20,), np.uint8)  # 7/8 of it: reused
+    assert _address(c) == addr
+
+
+def test_limit_and_off(cache):
+    a = _buffers.host_array((8 << 20,), np.uint8)
+    del a
+    assert roialign_cy.output_cache()["idle_blocks"] == 1
+    assert roialign_cy.output_cache()["idle_bytes"] >= 8 << 20
+    assert roialign_cy.set_output_cache(0) == 256 << 20
+    assert roialign_cy.output_cache() == {"max_bytes": 0, "idle_bytes": 0, "idle_blocks": 0}
+    a = _buffers.host_array((8 << 20,), np.uint8)
+    assert a.base is None  # the cache is off: plain numpy arrays
+    roialign_cy.set_output_cache(20 << 20)
+    blocks = [_buffers.host_array((8 << 20,), np.uint8) for _ in range(3)]
+    del blocks
+    info = roialign_cy.output_cache()
+    assert info["idle_bytes"] <= 20 << 20 and info["idle_blocks"] == 2  # the oldest freed
+
+
+@pytest.mark.parametrize("value, exc", [(-1, ValueError), (1.5, TypeError), ("1", TypeError),
+                                        (True, TypeError)])
+def test_bad_limit(value, exc):
+    with pytest.raises(exc, match="max_bytes"):
+        roialign_cy.set_output_cache(value)
+
+
+@pytest.mark.parametrize("value", ["lots", "-5"])
+def test_bad_environment_variable_is_refused_at_import(value):
+    env = dict(os.environ, ROIALIGN_CY_CACHE_BYTES=value)
+    r = subprocess.run([sys.executable, "-c", "import roialign_cy"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "ROIALIGN_CY_CACHE_BYTES" in r.stderr
+
+
+def test_environment_variable_sets_the_limit():
+    env = dict(os.environ, ROIALIGN_CY_CACHE_BYTES="0")
+    code = ("import numpy as np, roialign_cy; from roialign_cy import _buffers; "
+            "print(roialign_cy.output_cache()['max_bytes'], "
+            "_buffers.host_array((8 << 20,), np.uint8).base is None)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.stdout.split() == ["0", "True"], r.stderr
+
+
+def test_threads_share_the_cache_safely(rng, cache):
+    x, b = _problem(rng, k=300)
+    want = roialign_cy.roi_align(x, b, 7, 1.0, 2, True, n_threads=1).copy()
+
+    def work(i):
+        for _ in range(6):
+            out = roialign_cy.roi_align(x, b, 7, 1.0, 2, True, n_threads=1)
+            if not np.array_equal(out, want):
+                return False
+            out += 1  # each thread scribbles on its own output: nobody else may see it
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(8)))
