@@ -28,16 +28,19 @@ cdef extern from *:
        per image, bin and LANES output channels) when the plane loops would read at least this
        many values per feature pixel: one per sample (ps_roi_align) or window pixel (ps_roi_pool)
        and output channel. Measured by forcing each order, forwards and gradients, on
-       (2, 490, 100, 152) and (1, 490, 50, 68) with 1-2000 boxes (benchmarks/README.md, "Cost
-       model"): break-even about 0.2 and 0.5; the R-FCN box head (2000 boxes, 0.26 and 0.47)
-       took 16.3 -> 11.8 ms (ps_roi_align) and 11.8 -> 9.4 ms (ps_roi_pool gradient) on 2
-       threads. */
+       (2, 490, 100, 152) and (1, 490, 50, 68) with 1-2000 boxes of 8-400 px
+       (benchmarks/README.md, "Cost model"): break-even about 0.2 for ps_roi_align (its R-FCN box head, 0.26: forward
+       16.3 -> 11.8 ms, gradient 23.7 -> 20.2 ms on 2 threads), 0.25 for ps_roi_pool's gradient
+       (box head, 0.47-0.5: 11.6-12.5 -> 8.7-8.9 ms), and for ps_roi_pool's forward 0.5 on the
+       larger map but past 0.5 on the smaller one (0.49: planes 1.1-1.3 ms, blocks 1.6), so 1. */
     #define ROIALIGN_PS_ALIGN_MIN_READS_PER_PIXEL 0.2
-    #define ROIALIGN_PS_POOL_MIN_READS_PER_PIXEL 0.5
+    #define ROIALIGN_PS_POOL_MIN_READS_PER_PIXEL 1.0
+    #define ROIALIGN_PS_POOL_GRAD_MIN_READS_PER_PIXEL 0.25
     """
     const double INTERLEAVE_MIN_SAMPLES_PER_PIXEL "ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL"
     const double PS_ALIGN_MIN_READS_PER_PIXEL "ROIALIGN_PS_ALIGN_MIN_READS_PER_PIXEL"
     const double PS_POOL_MIN_READS_PER_PIXEL "ROIALIGN_PS_POOL_MIN_READS_PER_PIXEL"
+    const double PS_POOL_GRAD_MIN_READS_PER_PIXEL "ROIALIGN_PS_POOL_GRAD_MIN_READS_PER_PIXEL"
 
 
 cdef inline int threads_for_work(int wanted, double n_outputs, double sampling_ratio) noexcept nogil:

@@ -29,8 +29,8 @@ from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, bloc
                       check_scratch, deinterleave_bins, interleave_planes, ps_task, scratch_close,
                       scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
-from ._cost cimport (PS_POOL_MIN_READS_PER_PIXEL, blocks_pay, ps_blocks_pay, threads_for_tables,
-                     threads_for_work)
+from ._cost cimport (PS_POOL_GRAD_MIN_READS_PER_PIXEL, PS_POOL_MIN_READS_PER_PIXEL, blocks_pay,
+                     ps_blocks_pay, threads_for_tables, threads_for_work)
 from ._calls cimport (Plain, Sizes, plain_call, positions, row_order, scan_boxes, small_block,
                       small_output, small_sizes, sort_by_image, visited_at)
 from ._openmp import effective_n_threads
@@ -250,10 +250,10 @@ def _set_ps_forced(int value):
     _ps_forced = value
 
 
-cdef inline bint takes_ps_blocks(const Shape* s, const int64_t* wt, Py_ssize_t row, Py_ssize_t K,
-                           Py_ssize_t itemsize) noexcept nogil:
-    """Whether ps_roi_pool on these windows takes the block loops (ps_blocks_pay, counting a
-    read per window pixel and output channel)."""
+cdef inline bint takes_ps_blocks(const Shape* s, const int64_t* wt, Py_ssize_t row,
+                                 Py_ssize_t K, Py_ssize_t itemsize, bint forward) noexcept nogil:
+    """Whether ps_roi_pool (``forward``, or its gradient) on these windows takes the block loops
+    (ps_blocks_pay, counting a read per window pixel and output channel)."""
     cdef double reads = 0
     cdef Py_ssize_t q
     if s.channels_last:
@@ -261,8 +261,8 @@ cdef inline bint takes_ps_blocks(const Shape* s, const int64_t* wt, Py_ssize_t r
     for q in range(K):
         reads += (<double>window_extent(wt + q * row, s.PH)
                   * window_extent(wt + q * row + 2 * s.PH, s.PW))
-    return ps_blocks_pay(_ps_forced, reads * s.Co, PS_POOL_MIN_READS_PER_PIXEL, s.N, s.C, s.H,
-                         s.W, itemsize)
+    return ps_blocks_pay(_ps_forced, reads * s.Co, PS_POOL_MIN_READS_PER_PIXEL if forward
+                         else PS_POOL_GRAD_MIN_READS_PER_PIXEL, s.N, s.C, s.H, s.W, itemsize)
 
 
 cdef Py_ssize_t pool_planes(const floating* X, floating* O, int32_t* AM, const Shape* s,
@@ -278,7 +278,7 @@ cdef Py_ssize_t pool_planes(const floating* X, floating* O, int32_t* AM, const S
     cdef Py_ssize_t cs = s.C if s.channels_last else 1
     cdef Py_ssize_t groups = s.C if op == OP_ROI_POOL else s.Co * s.PH
     cdef Py_ssize_t runs, task, n, g, r, lo, hi, j, v, a, b, pw, chunk, PH = s.PH
-    if op == OP_PS_ROI_POOL and takes_ps_blocks(s, wt, row, K, sizeof(floating)):
+    if op == OP_PS_ROI_POOL and takes_ps_blocks(s, wt, row, K, sizeof(floating), True):
         return ps_blocks(<floating*>X, O, s, wt, row, order, visit, img_start, n_threads, False)
     # split each image's boxes into runs when there are fewer groups than tasks wanted
     runs = max(1, min(K, (TASKS_PER_THREAD * n_threads + s.N * groups - 1) // (s.N * groups)))
@@ -481,7 +481,8 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
     cdef floating* GX = &grad[0, 0, 0, 0]
     cdef const int64_t* wt = &win[0, 0]
     cdef Py_ssize_t row = win.shape[1], PH = s.PH, failed
-    if op == OP_PS_ROI_POOL and takes_ps_blocks(&s, wt, row, order.shape[0], sizeof(floating)):
+    if op == OP_PS_ROI_POOL and takes_ps_blocks(&s, wt, row, order.shape[0], sizeof(floating),
+                                                False):
         with nogil:
             failed = ps_blocks(GX, <floating*>G, &s, wt, row, &order[0], NULL, &img_start[0],
                                n_threads, True)
