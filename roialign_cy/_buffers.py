@@ -87,6 +87,16 @@ class _Cache:
 _cache = _Cache(_from_environment())
 
 
+def _after_fork_in_child():
+    # a lock that another thread of the parent held at fork() stays locked in the child, whose
+    # first large output would then wait forever: the child starts with a fresh one
+    _cache.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class _Lease:
     """The owner of an output's memory: numpy keeps it as the array's base, and its finaliser
     gives the block back when the array (and every view of it) is gone."""

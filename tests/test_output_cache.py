@@ -160,3 +160,25 @@ def test_threads_share_the_cache_safely(rng, cache):
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, range(8)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_while_the_cache_is_locked_does_not_hang_the_child(cache):
+    """Another thread of the parent may hold the cache's lock at fork(): the child must not
+    inherit it locked (its first large output would wait forever)."""
+    import multiprocessing
+
+    def child(q):
+        a = _buffers.host_array((8 << 20,), np.uint8, zeros=True)
+        q.put(int(a.sum()))
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    with _buffers._cache.lock:  # held by this thread while the child is forked
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        pytest.fail("the forked child hung on the output cache's lock")
+    assert p.exitcode == 0 and q.get(timeout=10) == 0
