@@ -318,7 +318,7 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
     Returns 0, or the bytes of per-thread scratch that could not be allocated."""
     cdef Py_ssize_t Co = s.Co, PH = s.PH, PW = s.PW, H = s.H, W = s.W, bins = PH * PW
     cdef Py_ssize_t task, v, j
-    cdef floating* scratch
+    cdef floating* scratch = NULL  # (assigned per thread in the parallel region)
     cdef floating* planes
     cdef Scratch sc
     cdef PsTask b
