@@ -4,6 +4,8 @@ from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
+from ._planes cimport Shape
+
 cdef extern from *:
     """
     /* The transposes between LANES planes and channels-last blocks, in 4 x 4 (float) and 2 x 2
@@ -162,22 +164,41 @@ cdef inline BlockTask block_task(Py_ssize_t task, Py_ssize_t blocks, Py_ssize_t 
 
 cdef struct PsTask:
     # one task of the position-sensitive block loops: image n, bin q (= ph * PW + pw), output
-    # channels c0..c0+nb, and the run lo..hi of the image's boxes within positions j0..j1
-    Py_ssize_t n, q, c0, nb, lo, hi
+    # channels c0..c0+nb, whose planes (PH * PW apart) start at element ``off`` of the map, and
+    # the run lo..hi of the image's boxes within positions j0..j1
+    Py_ssize_t n, q, c0, nb, off, lo, hi
 
 
-cdef inline PsTask ps_task(Py_ssize_t task, Py_ssize_t bins, Py_ssize_t Co,
-                           const int64_t* img_start, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
-    """Task number -> PsTask, for tasks ordered by (image, bin, block of LANES output channels)."""
+cdef inline Py_ssize_t ps_tasks(const Shape* s) noexcept nogil:
+    """How many tasks the position-sensitive block loops have: (image, bin, LANES channels)."""
+    return s.N * s.PH * s.PW * ((s.Co + LANES - 1) // LANES)
+
+
+cdef inline PsTask ps_task(Py_ssize_t task, const Shape* s, const int64_t* img_start,
+                           Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """Task number -> PsTask (NCHW maps of shape ``s``), tasks ordered as ps_tasks counts them."""
     cdef PsTask t
-    cdef Py_ssize_t blocks = (Co + LANES - 1) // LANES
+    cdef Py_ssize_t bins = s.PH * s.PW, blocks = (s.Co + LANES - 1) // LANES
     t.n = task // (bins * blocks)
     t.q = (task // blocks) % bins
     t.c0 = (task % blocks) * LANES
-    t.nb = Co - t.c0 if Co - t.c0 < LANES else LANES
+    t.nb = s.Co - t.c0 if s.Co - t.c0 < LANES else LANES
+    t.off = (t.n * s.C + t.c0 * bins + t.q) * s.H * s.W
     t.lo = img_start[t.n] if img_start[t.n] > j0 else j0
     t.hi = img_start[t.n + 1] if img_start[t.n + 1] < j1 else j1
     return t
+
+
+cdef inline void ps_copy_in(const floating* maps, const PsTask* t, const Shape* s,
+                            floating* block) noexcept nogil:
+    """The task's planes of ``maps`` into a channels-last block (lanes past nb zero)."""
+    interleave_planes(maps + t.off, s.PH * s.PW * s.H * s.W, t.nb, block, s.H * s.W)
+
+
+cdef inline void ps_copy_back(const floating* block, const PsTask* t, const Shape* s,
+                              floating* maps) noexcept nogil:
+    """The first nb lanes of a channels-last block back into the task's planes of ``maps``."""
+    deinterleave_bins(block, s.H * s.W, t.nb, maps + t.off, s.PH * s.PW * s.H * s.W)
 
 
 cdef inline void interleave_planes(const floating* planes, Py_ssize_t plane_size, Py_ssize_t n_planes,

@@ -34,8 +34,8 @@ from .._buffers import host_array
 from ._openmp import effective_n_threads
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
 from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
-                      check_scratch, deinterleave_bins, interleave_planes, ps_task, scratch_close,
-                      scratch_open)
+                      check_scratch, deinterleave_bins, interleave_planes, ps_copy_back,
+                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
 from ._cost cimport (PS_ALIGN_MIN_READS_PER_PIXEL, blocks_pay, ps_blocks_pay, threads_for_tables,
@@ -1215,7 +1215,6 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
     cdef Py_ssize_t Co = s.Co, PW = s.PW, H = s.H, W = s.W, bins = s.PH * s.PW
     cdef Py_ssize_t task, v, j, k
     cdef floating* scratch = NULL  # (assigned per thread in the parallel region)
-    cdef floating* planes
     cdef Axes A
     cdef Scratch sc
     cdef PsTask b
@@ -1223,12 +1222,11 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
     with parallel(num_threads=n_threads):
         sc = scratch_open(&failed, H * W * LANES * sizeof(floating), 0)
         scratch = <floating*>sc.a
-        for task in prange(s.N * bins * ((Co + LANES - 1) // LANES), schedule="dynamic"):
-            b = ps_task(task, bins, Co, R.key_start, R.j0, R.j1)
+        for task in prange(ps_tasks(s), schedule="dynamic"):
+            b = ps_task(task, s, R.key_start, R.j0, R.j1)
             if not sc.ok or b.lo >= b.hi:
                 continue  # (a failed scratch is reported after the parallel region)
-            planes = maps + (b.n * s.C + b.c0 * bins + b.q) * H * W
-            interleave_planes(planes, bins * H * W, b.nb, scratch, H * W)
+            ps_copy_in(maps, &b, s, scratch)
             for v in range(b.lo, b.hi):
                 # the gradient keeps the image order, which its sums follow
                 j = v if backward else visited_at(R.visit, R.j0, v)
@@ -1241,7 +1239,7 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
                     ps_bin_lanes(scratch, W, &A, b.q // PW, b.q % PW, b.nb,
                                  outs + (k * Co + b.c0) * bins + b.q, bins)
             if backward:
-                deinterleave_bins(scratch, H * W, b.nb, planes, bins * H * W)
+                ps_copy_back(scratch, &b, s, maps)
         scratch_close(&sc)
     return failed
 

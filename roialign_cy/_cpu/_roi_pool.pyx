@@ -26,8 +26,8 @@ from .._buffers import host_array
 
 from ._geometry cimport takes_max
 from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
-                      check_scratch, deinterleave_bins, interleave_planes, ps_task, scratch_close,
-                      scratch_open)
+                      check_scratch, deinterleave_bins, interleave_planes, ps_copy_back,
+                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport (PS_POOL_GRAD_MIN_READS_PER_PIXEL, PS_POOL_MIN_READS_PER_PIXEL, blocks_pay,
                      ps_blocks_pay, threads_for_tables, threads_for_work)
@@ -319,19 +319,17 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
     cdef Py_ssize_t Co = s.Co, PH = s.PH, PW = s.PW, H = s.H, W = s.W, bins = PH * PW
     cdef Py_ssize_t task, v, j
     cdef floating* scratch = NULL  # (assigned per thread in the parallel region)
-    cdef floating* planes
     cdef Scratch sc
     cdef PsTask b
     cdef size_t failed = 0
     with parallel(num_threads=n_threads):
         sc = scratch_open(&failed, H * W * LANES * sizeof(floating), 0)
         scratch = <floating*>sc.a
-        for task in prange(s.N * bins * ((Co + LANES - 1) // LANES), schedule="dynamic"):
-            b = ps_task(task, bins, Co, img_start, 0, img_start[s.N])
+        for task in prange(ps_tasks(s), schedule="dynamic"):
+            b = ps_task(task, s, img_start, 0, img_start[s.N])
             if not sc.ok or b.lo >= b.hi:
                 continue  # (a failed scratch is reported after the parallel region)
-            planes = maps + (b.n * s.C + b.c0 * bins + b.q) * H * W
-            interleave_planes(planes, bins * H * W, b.nb, scratch, H * W)
+            ps_copy_in(maps, &b, s, scratch)
             for v in range(b.lo, b.hi):
                 j = v if backward else visited_at(visit, 0, v)  # (the gradient: box order)
                 if backward:
@@ -343,7 +341,7 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
                                wt + j * row + 2 * PH + 2 * (b.q % PW), b.nb,
                                outs + (order[j] * Co + b.c0) * bins + b.q, bins)
             if backward:
-                deinterleave_bins(scratch, H * W, b.nb, planes, bins * H * W)
+                ps_copy_back(scratch, &b, s, maps)
         scratch_close(&sc)
     return failed
 
