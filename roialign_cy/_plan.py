@@ -170,11 +170,15 @@ class Plan:
         run = self._kernel_run()
         grad_features = grad_boxes = None
         if wrt in ("features", "both"):
-            grad_features = v.allocate(xp, shape, self.dtype, "the feature gradient", zeros=True)
-            if argmax is not None:
-                run = dict(run, argmax=argmax)
+            # the CPU kernels can write the whole gradient themselves: no zero-fill pass first
+            overwrite = getattr(self._be, "OVERWRITES_GRADIENTS", False)
+            grad_features = v.allocate(xp, shape, self.dtype, "the feature gradient",
+                                       zeros=not overwrite)
+            extra = dict(run, argmax=argmax) if argmax is not None else dict(run)
+            if overwrite:
+                extra["overwrite"] = True
             self._be.backward_features(grad_output, features, self._rois, self._batch_idx,
-                                       grad_features, p, **run)
+                                       grad_features, p, **extra)
         if wrt in ("boxes", "both"):
             grad_rois = xp.zeros(self._rois.shape, self._rois.dtype)
             self._be.backward_boxes(grad_output, features, self._rois, self._batch_idx,

@@ -84,6 +84,64 @@ def test_reused_gradient_memory_is_zeroed(rng, cache):
     del addr
 
 
+def _gradient(kind, rng, dtype):
+    """One feature gradient of each CPU loop that writes a gradient over (RoIAlign's NCHW block
+    and plane loops, roi_pool's from the arg-max) or adds into one zeroed for it (the rest), on
+    4.5 MiB (float32) maps where image 1 has no box."""
+    x = rng.standard_normal(BIG, dtype=np.float32).astype(dtype)
+    k = 20 if kind == "few" else 600
+    c = rng.uniform(0, 96, (k, 2))
+    wh = rng.uniform(2, 40, (k, 2))
+    b = np.concatenate([np.zeros((k, 1)), c - wh / 2, c + wh / 2], 1).astype(dtype)
+    if kind in ("avg", "few", "max", "chunks", "nhwc"):
+        g = rng.standard_normal((k, 64, 7, 7)).astype(dtype)
+        mode = "max" if kind == "max" else "avg"
+        if kind == "nhwc":
+            return lambda: roialign_cy.roi_align_backward(
+                np.ascontiguousarray(g.transpose(0, 2, 3, 1)), x.transpose(0, 2, 3, 1).shape, b,
+                7, 1.0, 2, True, layout="NHWC")
+        return lambda: roialign_cy.roi_align_backward(g, x if mode == "max" else x.shape, b, 7,
+                                                      1.0, 2, True, mode=mode)
+    if kind == "rotated":
+        rb = np.concatenate([b[:, :1], c, wh, rng.uniform(-90, 90, (k, 1))], 1).astype(dtype)
+        g = rng.standard_normal((k, 64, 7, 7)).astype(dtype)
+        return lambda: roialign_cy.roi_align_rotated_backward(g, x.shape, rb, 7, 1.0, 2, True)
+    if kind in ("roi_pool", "roi_pool_argmax"):
+        g = rng.standard_normal((k, 64, 7, 7)).astype(dtype)
+        _, am = roialign_cy.roi_pool(x, b, 7, return_argmax=True)
+        if kind == "roi_pool":
+            return lambda: roialign_cy.roi_pool_backward(g, x, b, 7)
+        return lambda: roialign_cy.roi_pool_backward(g, x.shape, b, 7, argmax=am)
+    g = rng.standard_normal((k, 64 // 16, 4, 4)).astype(dtype)
+    if kind == "ps_roi_align":
+        return lambda: roialign_cy.ps_roi_align_backward(g, x.shape, b, 4, 1.0, 2)
+    return lambda: roialign_cy.ps_roi_pool_backward(g, x.shape, b, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["avg", "few", "max", "chunks", "nhwc", "rotated", "roi_pool",
+                                  "roi_pool_argmax", "ps_roi_align", "ps_roi_pool"])
+def test_gradients_written_over_a_dirty_block(rng, cache, monkeypatch, kind, dtype):
+    """The CPU gradients come in blocks that are not zeroed first: each loop writes all of it,
+    or zeroes it itself. A block full of NaN must give the gradient of a clean one."""
+    if kind == "chunks":  # several table chunks: the first writes over, the others add
+        from roialign_cy import _cpu
+
+        monkeypatch.setattr(_cpu, "TABLE_ENTRIES_PER_CHUNK", 2000)
+    grad = _gradient(kind, rng, dtype)
+    roialign_cy.set_output_cache(0)
+    want = grad()  # a fresh block: the pages come zeroed
+    assert np.isfinite(want).all() and (want == 0).any() and (want != 0).any()
+    roialign_cy.set_output_cache(256 << 20)
+    dirty = _buffers.host_array(want.shape, want.dtype)
+    dirty.fill(np.nan)
+    addr = _address(dirty)
+    del dirty
+    got = grad()
+    assert _address(got) == addr  # the dirty block was the one reused
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("zeros", [False, True])
 def test_host_array(cache, zeros):
     a = _buffers.host_array((3, 1 << 20), np.float64, zeros)

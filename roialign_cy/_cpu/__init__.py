@@ -354,12 +354,19 @@ def forward_levels(maps, rois, batch_idx, level, scales, out, p, run=None, argma
 
 
 def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run=None,
-                      argmax=None):
+                      argmax=None, overwrite=False):
+    """The feature gradient added into ``grad_features`` (zeroed by the caller), or with
+    ``overwrite`` written over whatever it holds."""
     if argmax is not None:  # roi_pool, from the arg-max pixels of a forward
+        _, _, h, w = _shape(grad_features, p)
+        if overwrite and (p.channels_last or grad_out.size == 0
+                          or not _roi_pool.argmax_assigns(h, w, grad_features.itemsize)):
+            _zero(grad_features)
+            overwrite = False
         run, n_threads = _run_of(run, [grad_features], rois, batch_idx, p, grad_out.size, None,
                                  None)
         bad = _roi_pool.backward_argmax(grad_out, argmax, grad_features, *run.where(),
-                                        p.channels_last, n_threads)
+                                        p.channels_last, n_threads, overwrite)
         if bad:
             n, _, h, w = _shape(grad_features, p)
             raise ValueError(f"argmax holds {bad} entries outside [-1, H * W) = [-1, {h * w}): "
@@ -367,13 +374,38 @@ def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run
                              "for these boxes and features")
         return
     backward_features_levels(grad_out, [features], rois, batch_idx, None, None, [grad_features],
-                             p, run)
+                             p, run, overwrite)
 
 
-def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p, run=None):
+# backward_features(..., overwrite=True) writes every element of a gradient it is handed
+OVERWRITES_GRADIENTS = True
+
+
+def _zero(*arrays):
+    """Zero-fill gradients handed over with ``overwrite`` that a loop only adds into: large ones
+    by the threads (their pages are faulted in in parallel, as _buffers does)."""
+    from .._buffers import MIN_BYTES
+    from ._openmp import zero_fill
+
+    for a in arrays:
+        if a.nbytes < MIN_BYTES:
+            a.fill(0)
+        else:
+            zero_fill(a.reshape(-1).view(np.uint8), effective_n_threads())
+
+
+def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p, run=None,
+                             overwrite=False):
     """Add the feature gradient of every level into ``grads`` (shaped like ``maps``, zeroed by
-    the caller); a map may be None in avg mode, which reads no feature value. roi_pool,
-    ps_roi_align and ps_roi_pool (``p.op``) take one level."""
+    the caller; with ``overwrite``, written over whatever they hold); a map may be None in avg
+    mode, which reads no feature value. roi_pool, ps_roi_align and ps_roi_pool (``p.op``) take
+    one level."""
+    # RoIAlign's NCHW block loops write every element of the gradients (their first chunk of
+    # boxes: assign); the other loops add, into gradients zeroed here
+    assigns = not (p.channels_last or p.rotated or p.integer_bins or p.op == "ps_roi_align")
+    if overwrite and (not assigns or grad_out.size == 0):
+        _zero(*grads)
+        overwrite = False
     if grad_out.size == 0:
         return
     # avg mode reads no feature value; any array of the shape will do
@@ -400,7 +432,7 @@ def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, gra
             _roi_align.backward_features(grad_out, maps, grads, run.level, batch_idx,
                                          *run.where(), j0, j1, run.gh, run.gw, t,
                                          _roi_align.MODES[p.mode], p.channels_last, blocks,
-                                         n_threads)
+                                         n_threads, overwrite and j0 == 0)
 
 
 def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p, run=None):

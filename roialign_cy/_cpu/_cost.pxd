@@ -33,12 +33,18 @@ cdef extern from *:
        16.3 -> 11.8 ms, gradient 23.7 -> 20.2 ms on 2 threads), 0.25 for ps_roi_pool's gradient
        (box head, 0.47-0.5: 11.6-12.5 -> 8.7-8.9 ms), and for ps_roi_pool's forward 0.5 on the
        larger map but past 0.5 on the smaller one (0.49: planes 1.1-1.3 ms, blocks 1.6), so 1. */
+    /* The NCHW block loops write each output (box, LANES channels) with non-temporal stores when
+       the whole output has at least this many bytes: written once and not read again by the loop,
+       an output larger than the caches otherwise costs a read of every line before its write.
+       Smaller outputs stay in the cache for the caller. */
+    #define ROIALIGN_STREAM_MIN_BYTES (16 << 20)
     #define ROIALIGN_PS_ALIGN_MIN_READS_PER_PIXEL 0.2
     #define ROIALIGN_PS_POOL_MIN_READS_PER_PIXEL 1.0
     #define ROIALIGN_PS_POOL_GRAD_MIN_READS_PER_PIXEL 0.25
     """
     const double INTERLEAVE_MIN_SAMPLES_PER_PIXEL "ROIALIGN_INTERLEAVE_MIN_SAMPLES_PER_PIXEL"
     const double PS_ALIGN_MIN_READS_PER_PIXEL "ROIALIGN_PS_ALIGN_MIN_READS_PER_PIXEL"
+    const Py_ssize_t STREAM_MIN_BYTES "ROIALIGN_STREAM_MIN_BYTES"
     const double PS_POOL_MIN_READS_PER_PIXEL "ROIALIGN_PS_POOL_MIN_READS_PER_PIXEL"
     const double PS_POOL_GRAD_MIN_READS_PER_PIXEL "ROIALIGN_PS_POOL_GRAD_MIN_READS_PER_PIXEL"
 
@@ -87,3 +93,8 @@ cdef inline bint ps_blocks_pay(int forced, double reads, double min_reads, Py_ss
     if forced >= 0:
         return forced == 1
     return reads >= min_reads * n * c * h * w
+
+
+cdef inline bint streams_output(Py_ssize_t n_elements, Py_ssize_t itemsize) noexcept nogil:
+    """Whether the block loops stream an output of n_elements (non-temporal stores)."""
+    return n_elements * itemsize >= STREAM_MIN_BYTES

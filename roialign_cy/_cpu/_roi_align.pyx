@@ -34,12 +34,14 @@ from .._buffers import host_array
 from ._openmp import effective_n_threads
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
 from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
+                      roialign_bin_lanes_double, roialign_bin_lanes_float,
                       check_scratch, deinterleave_bins, interleave_planes, ps_copy_back,
-                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open)
+                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open, STREAM_PIXELS,
+                      stream_deinterleaved)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
-from ._cost cimport (PS_ALIGN_MIN_READS_PER_PIXEL, blocks_pay, ps_blocks_pay, threads_for_tables,
-                     threads_for_work)
+from ._cost cimport (PS_ALIGN_MIN_READS_PER_PIXEL, blocks_pay, ps_blocks_pay, streams_output,
+                     threads_for_tables, threads_for_work)
 from ._calls cimport (Plain, Sizes, plain_call, plain_flag, plain_int, positions, scan_boxes,
                       row_order, small_block, small_output, small_sizes, sort_by_image,
                       visited_at)
@@ -439,6 +441,24 @@ cdef inline void sum_bin(const floating* image, Py_ssize_t W, Py_ssize_t C, cons
                 acc[c] += bilerp(wy0[a], wy1[a], wx0[b], wx1[b], p00[c], p01[c], p10[c], p11[c])
 
 
+cdef inline void sum_bin_lanes(const floating* block, Py_ssize_t W, const Axes* A, Py_ssize_t ph,
+                               Py_ssize_t pw, floating* acc) noexcept nogil:
+    """acc[c] = the sum of bin (ph, pw)'s samples inside the image on lane c of a channels-last
+    block of LANES lanes: sum_bin's sums, the same bits, in vector registers
+    (roialign_bin_lanes)."""
+    cdef Py_ssize_t a = ph * A.gh, b = pw * A.gw
+    if floating is float:
+        roialign_bin_lanes_float(block, W, A.yr[2 * ph], A.yr[2 * ph + 1], A.xr[2 * pw],
+                                 A.xr[2 * pw + 1], A.ylo + a, A.yhi + a, A.xlo + b, A.xhi + b,
+                                 <const float*>A.wy0 + a, <const float*>A.wy1 + a,
+                                 <const float*>A.wx0 + b, <const float*>A.wx1 + b, acc)
+    else:
+        roialign_bin_lanes_double(block, W, A.yr[2 * ph], A.yr[2 * ph + 1], A.xr[2 * pw],
+                                  A.xr[2 * pw + 1], A.ylo + a, A.yhi + a, A.xlo + b, A.xhi + b,
+                                  <const double*>A.wy0 + a, <const double*>A.wy1 + a,
+                                  <const double*>A.wx0 + b, <const double*>A.wx1 + b, acc)
+
+
 cdef void pool_box_nhwc(const floating* image, Py_ssize_t W, Py_ssize_t C, floating* o,
                         Py_ssize_t PH, Py_ssize_t PW, const Axes* A, int mode) noexcept nogil:
     """Pool one box of a channels-last (H, W, C) image into o (PH x PW x C contiguous)."""
@@ -464,13 +484,11 @@ cdef void pool_box_nhwc(const floating* image, Py_ssize_t W, Py_ssize_t C, float
         for pw in range(PW):
             ob = o + (ph * PW + pw) * C
             if mode == MODE_AVG and C == LANES:
-                # the NCHW block loops: a constant trip count and a local sum, which the compiler
-                # keeps in vector registers (ob may alias the image for all it knows, so summing
-                # into ob stores and reloads it at every sample); 3% off the box head on one
-                # thread (96.5-99.6 against 99.9-102.4 ms), the same bits
-                for c in range(LANES):
-                    acc[c] = 0
-                sum_bin(image, W, LANES, A, ph, pw, acc)
+                # the NCHW block loops: the sums in vector registers (sum_bin_lanes; summed into
+                # ob, which may alias the image for all the compiler knows, they were stored and
+                # reloaded at every sample), the same bits. (NHWC images of 16k channels walking
+                # the bin once per LANES channels: slower, 33-58 against 31 ms on the box head.)
+                sum_bin_lanes(image, W, A, ph, pw, acc)
                 for c in range(LANES):
                     ob[c] = acc[c] * inv_count
                 continue
@@ -583,6 +601,13 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
     cdef Py_ssize_t j0 = R.j0, j1 = R.j1
     cdef Axes A
     cdef const floating* X
+    cdef floating* scratch
+    cdef floating* obuf
+    cdef floating* staging
+    cdef bint stream_out = streams_output((j1 - j0) * C * PH * PW, sizeof(floating))
+    cdef Scratch s
+    cdef size_t failed = 0
+    cdef BlockTask bt
     if channels_last:
         for v in prange(j0, j1, schedule="dynamic", num_threads=n_threads):
             j = visited_at(R.visit, j0, v)
@@ -595,11 +620,6 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
     for l in range(L):
         if blocks[l] and M[l].H * M[l].W > scratch_px:
             scratch_px = M[l].H * M[l].W
-    cdef floating* scratch
-    cdef floating* obuf
-    cdef Scratch s
-    cdef size_t failed = 0
-    cdef BlockTask bt
     if scratch_px == 0:
         # no level pays for the channels-last copy: split (box, PLANE_BLOCK planes) pairs over
         # the threads, so that even one box on many channels keeps them all busy
@@ -620,8 +640,9 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
     nblocks = (C + LANES - 1) // LANES
     with parallel(num_threads=n_threads):
         s = scratch_open(&failed, scratch_px * LANES * sizeof(floating),
-                         PH * PW * LANES * sizeof(floating))
+                         (2 if stream_out else 1) * PH * PW * LANES * sizeof(floating))
         scratch, obuf = <floating*>s.a, <floating*>s.b
+        staging = obuf + PH * PW * LANES if stream_out else NULL
         for task in prange(L * N * nblocks, schedule="dynamic"):
             if not s.ok:
                 continue  # reported after the parallel region
@@ -637,7 +658,7 @@ cdef Py_ssize_t pool_boxes(const Map* M, Py_ssize_t L, Py_ssize_t N, Py_ssize_t 
                 A = axes_at(T, j - j0, R.gh[k], R.gw[k])
                 if blocks[l]:
                     pool_box_nhwc(scratch, W, LANES, obuf, PH, PW, &A, mode)
-                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
+                    deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW, staging)
                     continue
                 for i in range((nb + PLANE_BLOCK - 1) // PLANE_BLOCK):
                     cc = i * PLANE_BLOCK
@@ -712,12 +733,15 @@ def backward_features(const floating[:, :, :, ::1] grad_out, list maps, list gra
                       const int64_t[::1] level, const int64_t[::1] batch_idx,
                       const int64_t[::1] order, const int64_t[::1] key_start, Py_ssize_t j0,
                       Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
-                      int mode, bint channels_last, const uint8_t[::1] blocks, int n_threads):
+                      int mode, bint channels_last, const uint8_t[::1] blocks, int n_threads,
+                      bint assign=False):
     """Add the feature gradient of the boxes at sorted positions j0..j1 into ``grads`` (one per
     level, shaped like ``maps``). Every gradient element is owned by one thread and receives its
     terms in the fixed sorted-box order. NCHW: one task per (level, image, block of LANES planes),
     accumulated in channels-last scratch for levels with ``blocks[l]``, else scattered straight
-    into the planes (no scratch: few samples, few channels or huge planes)."""
+    into the planes (no scratch: few samples, few channels or huge planes). ``assign`` (NCHW):
+    ``grads`` hold anything and every element is written, not added to: a block's planes are
+    streamed out of its scratch (no zero-fill pass before the call, and no read of the planes)."""
     cdef Py_ssize_t L = len(maps), N, C, H, W, PH, PW, n, c, c0, j, k, lo, hi, task, l, nb, cc
     cdef Py_ssize_t nblocks, scratch_px = 0
     cdef const floating* GO = &grad_out[0, 0, 0, 0]
@@ -729,6 +753,8 @@ def backward_features(const floating[:, :, :, ::1] grad_out, list maps, list gra
     cdef const Map* M = maps_of(keep)
     N = (<object>maps[0]).shape[0]
     if channels_last:
+        if assign:
+            raise ValueError("assign is for NCHW gradients")
         C, PH, PW = grad_out.shape[3], grad_out.shape[1], grad_out.shape[2]
         for task in prange((C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK, nogil=True,
                            schedule="static", num_threads=n_threads):
@@ -756,18 +782,20 @@ def backward_features(const floating[:, :, :, ::1] grad_out, list maps, list gra
     with nogil, parallel(num_threads=n_threads):
         s = scratch_open(&failed, (scratch_px * LANES + 1) * sizeof(floating),
                          ((scratch_px * LANES if mode != MODE_AVG else 0) + 1) * sizeof(floating),
-                         PH * PW * LANES * sizeof(floating))
+                         (PH * PW + (STREAM_PIXELS if assign else 0)) * LANES * sizeof(floating))
         gscratch, fscratch, gbuf = <floating*>s.a, <floating*>s.b, <floating*>s.c
         for task in prange(L * N * nblocks, schedule="dynamic"):
             if not s.ok:
                 continue  # reported after the parallel region
             bt = block_task(task, nblocks, C, &key_start[0], j0, j1)
             l, n, c, nb, lo, hi = bt.n // N, bt.n % N, bt.c, bt.nb, bt.lo, bt.hi
+            H, W = M[l].H, M[l].W
+            G = <floating*>M[l].g + (n * C + c) * H * W
+            if assign and (lo >= hi or not blocks[l]) and M[l].g != NULL:
+                memset(G, 0, nb * H * W * sizeof(floating))  # then added to as usual
             if lo >= hi:
                 continue
-            H, W = M[l].H, M[l].W
             X = <const floating*>M[l].x + (n * C + c) * H * W
-            G = <floating*>M[l].g + (n * C + c) * H * W
             if not blocks[l]:
                 for j in range(lo, hi):
                     k = order[j]
@@ -784,7 +812,10 @@ def backward_features(const floating[:, :, :, ::1] grad_out, list maps, list gra
                 A = axes_at(T, j - j0, gh[k], gw[k])
                 interleave_planes(GO + (k * C + c) * PH * PW, PH * PW, nb, gbuf)
                 scatter_box_nhwc(gscratch, fscratch, W, LANES, LANES, gbuf, PH, PW, &A, mode)
-            add_deinterleaved(gscratch, H * W, nb, G)
+            if assign:
+                stream_deinterleaved(gscratch, H * W, nb, G, gbuf + PH * PW * LANES)
+            else:
+                add_deinterleaved(gscratch, H * W, nb, G)
         scratch_close(&s)
     check_scratch(failed)
 
@@ -1153,9 +1184,7 @@ cdef void ps_bin_lanes(const floating* block, Py_ssize_t W, const Axes* A, Py_ss
         for c in range(n_lanes):
             o[c * o_stride] = 0
         return
-    for c in range(LANES):
-        acc[c] = 0
-    sum_bin(block, W, LANES, A, ph, pw, acc)
+    sum_bin_lanes(block, W, A, ph, pw, acc)
     for c in range(n_lanes):
         o[c * o_stride] = acc[c] / <floating>(A.gh * A.gw)
 

@@ -26,7 +26,7 @@ from .._buffers import host_array
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction
 from ._lanes cimport (LANES, BlockTask, Scratch, add_deinterleaved, block_task, check_scratch,
                       deinterleave_bins, interleave_planes, scratch_close, scratch_open)
-from ._cost cimport blocks_pay, threads_for_tables, threads_for_work
+from ._cost cimport blocks_pay, streams_output, threads_for_tables, threads_for_work
 from ._calls cimport (Plain, Sizes, plain_call, plain_flag, plain_int, scan_boxes, small_block,
                       small_output, small_sizes, sort_by_image)
 from libc.stdlib cimport calloc, free
@@ -282,6 +282,8 @@ cdef size_t pool_pieces(const floating* X, floating* O, const Py_ssize_t* fshape
     cdef const floating* w = <const floating*>P.w
     cdef floating* scratch
     cdef floating* obuf
+    cdef floating* staging
+    cdef bint stream_out
     cdef Scratch s
     cdef size_t failed = 0
     cdef BlockTask bt
@@ -297,11 +299,13 @@ cdef size_t pool_pieces(const floating* X, floating* O, const Py_ssize_t* fshape
     N, C, H, W = fshape[0], fshape[1], fshape[2], fshape[3]
     PH, PW = oshape[2], oshape[3]
     if interleave:
+        stream_out = streams_output(oshape[0] * C * PH * PW, sizeof(floating))
         blocks = (C + LANES - 1) // LANES
         with parallel(num_threads=n_threads):
             s = scratch_open(&failed, H * W * LANES * sizeof(floating),
-                             PH * PW * LANES * sizeof(floating))
+                             (2 if stream_out else 1) * PH * PW * LANES * sizeof(floating))
             scratch, obuf = <floating*>s.a, <floating*>s.b
+            staging = obuf + PH * PW * LANES if stream_out else NULL
             for task in prange(N * blocks, schedule="dynamic"):
                 if not s.ok:
                     continue  # reported after the parallel region
@@ -313,7 +317,8 @@ cdef size_t pool_pieces(const floating* X, floating* O, const Py_ssize_t* fshape
                     nbins = P.bin1[j] - b0
                     pool_samples(scratch, LANES, LANES, obuf, LANES, nbins, P.gh[k] * P.gw[k],
                                  P.nv + P.boff[q], P.idx + 4 * P.off[q], w + 4 * P.off[q])
-                    deinterleave_bins(obuf, nbins, nb, O + (k * C + c) * PH * PW + b0, PH * PW)
+                    deinterleave_bins(obuf, nbins, nb, O + (k * C + c) * PH * PW + b0, PH * PW,
+                                      staging)
             scratch_close(&s)
         return failed
     for j in prange(j0, j1, schedule="dynamic", num_threads=n_threads):

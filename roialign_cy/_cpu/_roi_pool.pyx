@@ -27,10 +27,11 @@ from .._buffers import host_array
 from ._geometry cimport takes_max
 from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
                       check_scratch, deinterleave_bins, interleave_planes, ps_copy_back,
-                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open)
+                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open, stream)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
-from ._cost cimport (PS_POOL_GRAD_MIN_READS_PER_PIXEL, PS_POOL_MIN_READS_PER_PIXEL, blocks_pay,
-                     ps_blocks_pay, threads_for_tables, threads_for_work)
+from ._cost cimport (PS_POOL_GRAD_MIN_READS_PER_PIXEL, PS_POOL_MIN_READS_PER_PIXEL, SCRATCH_BYTES,
+                     blocks_pay, ps_blocks_pay, streams_output, threads_for_tables,
+                     threads_for_work)
 from ._calls cimport (Plain, Sizes, plain_call, positions, row_order, scan_boxes, small_block,
                       small_output, small_sizes, sort_by_image, visited_at)
 from ._openmp import effective_n_threads
@@ -662,6 +663,8 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef const int64_t* wx
     cdef floating* scratch
     cdef floating* obuf
+    cdef floating* staging
+    cdef bint stream_out = streams_output(out.shape[0] * C * PH * PW, sizeof(floating))
     cdef floating* o
     cdef int64_t* abuf
     cdef int32_t* AM = NULL if argmax is None else &argmax[0, 0, 0, 0]
@@ -670,8 +673,10 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
     cdef size_t failed = 0
     with nogil, parallel(num_threads=n_threads):
         s = scratch_open(&failed, H * W * LANES * sizeof(floating),
-                         PH * PW * LANES * sizeof(floating), LANES * sizeof(int64_t))
+                         (2 if stream_out else 1) * PH * PW * LANES * sizeof(floating),
+                         LANES * sizeof(int64_t))
         scratch, obuf, abuf = <floating*>s.a, <floating*>s.b, <int64_t*>s.c
+        staging = obuf + PH * PW * LANES if stream_out else NULL
         for task in prange(N * nblocks, schedule="dynamic"):
             if not s.ok:
                 continue  # reported after the parallel region
@@ -703,7 +708,7 @@ def forward_blocks(const floating[:, :, :, ::1] x, floating[:, :, :, ::1] out,
                             for l in range(nb):
                                 o[l] = scratch[abuf[l] * LANES + l]
                                 AM[((k * C + c + l) * PH + ph) * PW + pw] = <int32_t>abuf[l]
-                deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW)
+                deinterleave_bins(obuf, PH * PW, nb, O + (k * C + c) * PH * PW, PH * PW, staging)
         scratch_close(&s)
     check_scratch(failed)
 
@@ -761,39 +766,69 @@ def backward_blocks(const floating[:, :, :, ::1] grad_out, const floating[:, :, 
 
 def backward_argmax(const floating[:, :, :, ::1] grad_out, const int32_t[:, :, :, ::1] argmax,
                     floating[:, :, :, ::1] grad, const int64_t[::1] order,
-                    const int64_t[::1] img_start, bint channels_last, int n_threads):
+                    const int64_t[::1] img_start, bint channels_last, int n_threads,
+                    bint assign=False):
     """roi_pool's feature gradient from the arg-max pixels a forward returned: each bin's
     gradient added to its pixel. One task per (image, block of LANES planes) visits the boxes in
     order, reading each box's gradient and arg-max of the block in one run (one plane at a time
     would read them LANES times further apart): every plane receives the additions of
     ``backward``, in its order, hence the same bits. Returns how many arg-max entries lie outside
-    [-1, H * W) (the caller raises; nothing is written for them)."""
+    [-1, H * W) (the caller raises; nothing is written for them). ``assign`` (NCHW): ``grad``
+    holds anything and is written over: each task adds into zeroed scratch planes and streams
+    them out (no zero-fill pass before the call, and no read of the gradient)."""
+    if assign and channels_last:
+        raise ValueError("assign is for NCHW gradients")
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t cs = s.C if channels_last else 1
     cdef Py_ssize_t nblocks = (s.C + LANES - 1) // LANES
     # bin q = ph * PW + pw of (k, c) is at base + q * step of grad_out and argmax
     cdef Py_ssize_t step = s.C if channels_last else 1, bins = s.PH * s.PW
-    cdef Py_ssize_t task, n, c, c0, c1, j, q, base, off, bad = 0
+    cdef Py_ssize_t task, n, c, c0, c1, j, q, base, off, first, bad = 0
     cdef int64_t a
     cdef const floating* G = &grad_out[0, 0, 0, 0]
     cdef const int32_t* AM = &argmax[0, 0, 0, 0]
     cdef floating* GX = &grad[0, 0, 0, 0]
     cdef int64_t pixels = s.H * s.W
-    for task in prange(s.N * nblocks, nogil=True, schedule="dynamic", num_threads=n_threads):
-        n = task // nblocks
-        c0 = (task % nblocks) * LANES
-        c1 = min(c0 + LANES, s.C)
-        for j in range(img_start[n], img_start[n + 1]):
-            for c in range(c0, c1):
-                base = out_index(&s, order[j], c, 0, 0)
-                off = plane_offset(&s, n, c)
-                for q in range(bins):
-                    a = AM[base + q * step]
-                    if <uint64_t>a < <uint64_t>pixels:  # 0 <= a < H * W
-                        GX[off + a * cs] += G[base + q * step]
-                    elif a != -1:
-                        bad += 1
+    cdef Scratch sc
+    cdef size_t failed = 0
+    cdef floating* planes
+    cdef floating* dst
+    with nogil, parallel(num_threads=n_threads):
+        sc = scratch_open(&failed, LANES * pixels * sizeof(floating) if assign else 0, 0)
+        planes = <floating*>sc.a
+        for task in prange(s.N * nblocks, schedule="dynamic"):
+            if not sc.ok:
+                continue  # reported after the parallel region
+            n = task // nblocks
+            c0 = (task % nblocks) * LANES
+            c1 = min(c0 + LANES, s.C)
+            # the gradient, or with assign the task's zeroed scratch planes (plane c at
+            # (c - c0) * pixels, as the gradient's NCHW planes from plane c0 on)
+            dst, first = GX, 0
+            if assign:
+                dst, first = planes, plane_offset(&s, n, c0)
+                memset(planes, 0, (c1 - c0) * pixels * sizeof(floating))
+            for j in range(img_start[n], img_start[n + 1]):
+                for c in range(c0, c1):
+                    base = out_index(&s, order[j], c, 0, 0)
+                    off = plane_offset(&s, n, c) - first
+                    for q in range(bins):
+                        a = AM[base + q * step]
+                        if <uint64_t>a < <uint64_t>pixels:  # 0 <= a < H * W
+                            dst[off + a * cs] += G[base + q * step]
+                        elif a != -1:
+                            bad += 1
+            if assign:
+                stream(GX + plane_offset(&s, n, c0), planes, (c1 - c0) * pixels)
+        scratch_close(&sc)
+    check_scratch(failed)
     return bad
+
+
+def argmax_assigns(Py_ssize_t h, Py_ssize_t w, Py_ssize_t itemsize):
+    """Whether backward_argmax can write an NCHW gradient of h x w planes over (assign): its
+    scratch planes fit SCRATCH_BYTES."""
+    return LANES * h * w * itemsize <= SCRATCH_BYTES
 
 
 # ---------------------------------------------------------------------------------------------
