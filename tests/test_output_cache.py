@@ -113,33 +113,39 @@ def _gradient(kind, rng, dtype):
             return lambda: roialign_cy.roi_pool_backward(g, x, b, 7)
         return lambda: roialign_cy.roi_pool_backward(g, x.shape, b, 7, argmax=am)
     g = rng.standard_normal((k, 64 // 16, 4, 4)).astype(dtype)
-    if kind == "ps_roi_align":
+    if kind.startswith("ps_roi_align"):
         return lambda: roialign_cy.ps_roi_align_backward(g, x.shape, b, 4, 1.0, 2)
     return lambda: roialign_cy.ps_roi_pool_backward(g, x.shape, b, 4)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kind", ["avg", "few", "max", "chunks", "nhwc", "rotated", "roi_pool",
-                                  "roi_pool_argmax", "ps_roi_align", "ps_roi_pool"])
+                                  "roi_pool_argmax", "ps_roi_align_blocks", "ps_roi_align_planes",
+                                  "ps_roi_align_chunks", "ps_roi_pool_blocks", "ps_roi_pool_planes"])
 def test_gradients_written_over_a_dirty_block(rng, cache, monkeypatch, kind, dtype):
     """The CPU gradients come in blocks that are not zeroed first: each loop writes all of it,
     or zeroes it itself. A block full of NaN must give the gradient of a clean one."""
-    if kind == "chunks":  # several table chunks: the first writes over, the others add
-        from roialign_cy import _cpu
+    from roialign_cy import _cpu
 
+    if kind.endswith("chunks"):  # several table chunks: the first writes over, the others add
         monkeypatch.setattr(_cpu, "TABLE_ENTRIES_PER_CHUNK", 2000)
-    grad = _gradient(kind, rng, dtype)
-    roialign_cy.set_output_cache(0)
-    want = grad()  # a fresh block: the pages come zeroed
-    assert np.isfinite(want).all() and (want == 0).any() and (want != 0).any()
-    roialign_cy.set_output_cache(256 << 20)
-    dirty = _buffers.host_array(want.shape, want.dtype)
-    dirty.fill(np.nan)
-    addr = _address(dirty)
-    del dirty
-    got = grad()
-    assert _address(got) == addr  # the dirty block was the one reused
-    np.testing.assert_array_equal(got, want)
+    # each loop order of the position-sensitive gradients
+    previous = _cpu.force_ps_blocks(not kind.endswith("planes") if kind.startswith("ps_") else None)
+    try:
+        grad = _gradient(kind, rng, dtype)
+        roialign_cy.set_output_cache(0)
+        want = grad()  # a fresh block: the pages come zeroed
+        assert np.isfinite(want).all() and (want == 0).any() and (want != 0).any()
+        roialign_cy.set_output_cache(256 << 20)
+        dirty = _buffers.host_array(want.shape, want.dtype)
+        dirty.fill(np.nan)
+        addr = _address(dirty)
+        del dirty
+        got = grad()
+        assert _address(got) == addr  # the dirty block was the one reused
+        np.testing.assert_array_equal(got, want)
+    finally:
+        _cpu.force_ps_blocks(previous)
 
 
 @pytest.mark.parametrize("zeros", [False, True])

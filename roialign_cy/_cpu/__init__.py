@@ -400,9 +400,9 @@ def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, gra
     the caller; with ``overwrite``, written over whatever they hold); a map may be None in avg
     mode, which reads no feature value. roi_pool, ps_roi_align and ps_roi_pool (``p.op``) take
     one level."""
-    # RoIAlign's NCHW block loops write every element of the gradients (their first chunk of
-    # boxes: assign); the other loops add, into gradients zeroed here
-    assigns = not (p.channels_last or p.rotated or p.integer_bins or p.op == "ps_roi_align")
+    # RoIAlign's NCHW loops and the position-sensitive ones write the gradient over (their first
+    # chunk of boxes: assign); the other loops add, into gradients zeroed here
+    assigns = not (p.channels_last or p.rotated or p.op == "roi_pool")
     if overwrite and (not assigns or grad_out.size == 0):
         _zero(*grads)
         overwrite = False
@@ -412,16 +412,17 @@ def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, gra
     maps = [g if m is None else m for m, g in zip(maps, grads)]
     run, n_threads = _run_of(run, maps, rois, batch_idx, p, grad_out.size, level, scales)
     for j0, j1, t in run.chunks():
+        assign = overwrite and j0 == 0
         if p.op == "ps_roi_align":
             _roi_align.ps_backward(grad_out, grads[0], *run.where(), j0, j1, run.gh, run.gw, t,
-                                   p.channels_last, n_threads)
+                                   p.channels_last, n_threads, assign)
             continue
         if p.integer_bins:
             if run.pool_blocks(t, False, _shape(maps[0], p)[1], n_threads):
                 _roi_pool.backward_blocks(grad_out, maps[0], grads[0], t, *run.where(), n_threads)
             else:
                 _roi_pool.backward(grad_out, maps[0], grads[0], t, *run.where(),
-                                   _roi_pool.OPS[p.op], p.channels_last, n_threads)
+                                   _roi_pool.OPS[p.op], p.channels_last, n_threads, assign)
             continue
         blocks = run.blocks(j0, j1, False, _shape(maps[0], p)[1], n_threads)
         if p.rotated:
@@ -432,7 +433,7 @@ def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, gra
             _roi_align.backward_features(grad_out, maps, grads, run.level, batch_idx,
                                          *run.where(), j0, j1, run.gh, run.gw, t,
                                          _roi_align.MODES[p.mode], p.channels_last, blocks,
-                                         n_threads, overwrite and j0 == 0)
+                                         n_threads, assign)
 
 
 def backward_boxes(grad_out, features, rois, batch_idx, grad_rois, p, run=None):

@@ -3,6 +3,7 @@
 from cython cimport floating
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 
 from ._planes cimport Shape
 
@@ -338,9 +339,32 @@ cdef inline void ps_copy_in(const floating* maps, const PsTask* t, const Shape* 
 
 
 cdef inline void ps_copy_back(const floating* block, const PsTask* t, const Shape* s,
-                              floating* maps) noexcept nogil:
-    """The first nb lanes of a channels-last block back into the task's planes of ``maps``."""
-    deinterleave_bins(block, s.H * s.W, t.nb, maps + t.off, s.PH * s.PW * s.H * s.W)
+                              floating* maps, floating* staging=NULL) noexcept nogil:
+    """The first nb lanes of a channels-last block back into the task's planes of ``maps``; with
+    a ``staging`` buffer (STREAM_PIXELS x LANES), streamed (stream_deinterleaved)."""
+    if staging != NULL:
+        stream_deinterleaved(block, s.H * s.W, t.nb, maps + t.off, staging,
+                             s.PH * s.PW * s.H * s.W)
+    else:
+        deinterleave_bins(block, s.H * s.W, t.nb, maps + t.off, s.PH * s.PW * s.H * s.W)
+
+
+cdef inline bint ps_begin(const PsTask* t, const Shape* s, floating* maps, floating* block,
+                          bint assign) noexcept nogil:
+    """Start a task of the position-sensitive block loops: False when its image has no box (with
+    ``assign``, a gradient written over, its planes of ``maps`` are zeroed then), else its
+    channels-last block: zero (``assign``) or a copy of its planes of ``maps``."""
+    cdef Py_ssize_t c
+    if t.lo >= t.hi:
+        if assign:
+            for c in range(t.nb):
+                memset(maps + t.off + c * s.PH * s.PW * s.H * s.W, 0, s.H * s.W * sizeof(floating))
+        return False
+    if assign:
+        memset(block, 0, s.H * s.W * LANES * sizeof(floating))
+    else:
+        ps_copy_in(maps, t, s, block)
+    return True
 
 
 cdef inline void interleave_planes(const floating* planes, Py_ssize_t plane_size, Py_ssize_t n_planes,
@@ -381,14 +405,17 @@ cdef inline void deinterleave_bins(const floating* block, Py_ssize_t n_bins, Py_
 
 
 cdef inline void stream_deinterleaved(const floating* block, Py_ssize_t plane_size,
-                                      Py_ssize_t n_planes, floating* planes,
-                                      floating* staging) noexcept nogil:
-    """planes[c * plane_size + i] = block[i * LANES + c] for the first n_planes lanes, with
-    non-temporal stores through ``staging`` (STREAM_PIXELS x LANES elements)."""
+                                      Py_ssize_t n_planes, floating* planes, floating* staging,
+                                      Py_ssize_t plane_stride=-1) noexcept nogil:
+    """planes[c * plane_stride + i] = block[i * LANES + c] for i < plane_size and the first
+    n_planes lanes (plane_stride: default plane_size), with non-temporal stores through
+    ``staging`` (STREAM_PIXELS x LANES elements)."""
+    if plane_stride < 0:
+        plane_stride = plane_size
     if floating is float:
-        roialign_deinterleave_stream_f32(block, plane_size, n_planes, planes, plane_size, staging)
+        roialign_deinterleave_stream_f32(block, plane_size, n_planes, planes, plane_stride, staging)
     else:
-        roialign_deinterleave_stream_f64(block, plane_size, n_planes, planes, plane_size, staging)
+        roialign_deinterleave_stream_f64(block, plane_size, n_planes, planes, plane_stride, staging)
 
 
 cdef inline void add_deinterleaved(const floating* block, Py_ssize_t plane_size,

@@ -31,12 +31,12 @@ import numpy as np
 
 from .._buffers import host_array
 
-from ._openmp import effective_n_threads
+from ._openmp import effective_n_threads, zero_fill
 from ._geometry cimport bilinear_axis, grid_size, sample_coord, sample_fraction, takes_max, valid_run
-from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
-                      roialign_bin_lanes_double, roialign_bin_lanes_float,
-                      check_scratch, deinterleave_bins, interleave_planes, ps_copy_back,
-                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open, STREAM_PIXELS,
+from ._lanes cimport (LANES, STREAM_PIXELS, BlockTask, PsTask, Scratch, add_deinterleaved,
+                      block_task, check_scratch, deinterleave_bins, interleave_planes, ps_begin,
+                      ps_copy_back, ps_task, ps_tasks, roialign_bin_lanes_double,
+                      roialign_bin_lanes_float, scratch_close, scratch_open,
                       stream_deinterleaved)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport INTERLEAVE_MIN_SAMPLES_PER_PIXEL as _INTERLEAVE_MIN, SCRATCH_BYTES
@@ -1231,7 +1231,8 @@ cdef void ps_spread_lanes(floating* gblock, Py_ssize_t W, const Axes* A, Py_ssiz
 
 
 cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const BoxRun* R,
-                          const TableSet* T, int n_threads, bint backward) noexcept nogil:
+                          const TableSet* T, int n_threads, bint backward,
+                          bint assign=False) noexcept nogil:
     """NCHW: one task per (image, bin, block of LANES output channels). Bin (ph, pw) of output
     channels c..c+LANES reads planes PH * PW apart: the task copies them to channels-last scratch
     (about 1 MB on an R-FCN map, which stays in L2). The forward (``maps``: the features, read
@@ -1240,22 +1241,26 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
     gradient, read only) adds the bin's terms of the image's boxes, in box order, to the copy of
     its gradient planes and copies it back: each pixel gets the additions of the plane loops in
     their order (the same bits, also when the boxes come in several runs). Returns 0, or the
-    bytes of per-thread scratch that could not be allocated."""
+    bytes of per-thread scratch that could not be allocated. ``assign`` (gradient): the
+    gradient holds anything and is written over, the copy starting from zero and streamed back
+    (no zero-fill before the call, no read of the gradient); an image with no box zeroes its
+    planes."""
     cdef Py_ssize_t Co = s.Co, PW = s.PW, H = s.H, W = s.W, bins = s.PH * s.PW
     cdef Py_ssize_t task, v, j, k
     cdef floating* scratch = NULL  # (assigned per thread in the parallel region)
+    cdef floating* staging = NULL
     cdef Axes A
     cdef Scratch sc
     cdef PsTask b
     cdef size_t failed = 0
     with parallel(num_threads=n_threads):
-        sc = scratch_open(&failed, H * W * LANES * sizeof(floating), 0)
-        scratch = <floating*>sc.a
+        sc = scratch_open(&failed, H * W * LANES * sizeof(floating),
+                          STREAM_PIXELS * LANES * sizeof(floating) if assign else 0)
+        scratch, staging = <floating*>sc.a, <floating*>sc.b
         for task in prange(ps_tasks(s), schedule="dynamic"):
             b = ps_task(task, s, R.key_start, R.j0, R.j1)
-            if not sc.ok or b.lo >= b.hi:
+            if not sc.ok or not ps_begin(&b, s, maps, scratch, assign):
                 continue  # (a failed scratch is reported after the parallel region)
-            ps_copy_in(maps, &b, s, scratch)
             for v in range(b.lo, b.hi):
                 # the gradient keeps the image order, which its sums follow
                 j = v if backward else visited_at(R.visit, R.j0, v)
@@ -1268,7 +1273,7 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
                     ps_bin_lanes(scratch, W, &A, b.q // PW, b.q % PW, b.nb,
                                  outs + (k * Co + b.c0) * bins + b.q, bins)
             if backward:
-                ps_copy_back(scratch, &b, s, maps)
+                ps_copy_back(scratch, &b, s, maps, staging)
         scratch_close(&sc)
     return failed
 
@@ -1276,10 +1281,11 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
 def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] grad,
                 const int64_t[::1] order, const int64_t[::1] img_start, Py_ssize_t j0,
                 Py_ssize_t j1, const int64_t[::1] gh, const int64_t[::1] gw, _Tables t,
-                bint channels_last, int n_threads):
+                bint channels_last, int n_threads, bint assign=False):
     """Add the feature gradient of the boxes at sorted positions j0..j1 into ``grad``: one task
     per (image, output channel, bin row), owning its PW input planes; each plane receives its
-    terms in box order (bit-identical for any thread count)."""
+    terms in box order (bit-identical for any thread count). ``assign``: ``grad`` holds anything
+    and is written over (the block loops write it; the plane loops zero it first)."""
     cdef Shape s = shape_of(grad.shape, grad_out.shape, channels_last)
     cdef Py_ssize_t N = s.N, Co = s.Co, PH = s.PH, PW = s.PW, cs = s.C if channels_last else 1
     cdef Py_ssize_t task, n, co, j, k, ph, pw, failed
@@ -1294,9 +1300,11 @@ def ps_backward(const floating[:, :, :, ::1] grad_out, floating[:, :, :, ::1] gr
                                            PS_ALIGN_MIN_READS_PER_PIXEL, s.N, s.C, s.H, s.W,
                                            sizeof(floating)):
         with nogil:
-            failed = ps_blocks(GX, <floating*>G, &s, &R, T, n_threads, True)
+            failed = ps_blocks(GX, <floating*>G, &s, &R, T, n_threads, True, assign)
         check_scratch(failed)
         return
+    if assign:
+        zero_fill(np.asarray(grad).reshape(-1).view(np.uint8), n_threads)
     for task in prange(N * Co * PH, nogil=True, schedule="dynamic", num_threads=n_threads):
         n = task // (Co * PH)
         co = (task // PH) % Co

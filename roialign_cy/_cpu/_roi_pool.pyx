@@ -25,16 +25,16 @@ import numpy as np
 from .._buffers import host_array
 
 from ._geometry cimport takes_max
-from ._lanes cimport (LANES, BlockTask, PsTask, Scratch, add_deinterleaved, block_task,
-                      check_scratch, deinterleave_bins, interleave_planes, ps_copy_back,
-                      ps_copy_in, ps_task, ps_tasks, scratch_close, scratch_open, stream)
+from ._lanes cimport (LANES, STREAM_PIXELS, BlockTask, PsTask, Scratch, add_deinterleaved,
+                      block_task, check_scratch, deinterleave_bins, interleave_planes, ps_begin,
+                      ps_copy_back, ps_task, ps_tasks, scratch_close, scratch_open, stream)
 from ._planes cimport Shape, out_index, plane_offset, shape_of
 from ._cost cimport (PS_POOL_GRAD_MIN_READS_PER_PIXEL, PS_POOL_MIN_READS_PER_PIXEL, SCRATCH_BYTES,
                      blocks_pay, ps_blocks_pay, streams_output, threads_for_tables,
                      threads_for_work)
 from ._calls cimport (Plain, Sizes, plain_call, positions, row_order, scan_boxes, small_block,
                       small_output, small_sizes, sort_by_image, visited_at)
-from ._openmp import effective_n_threads
+from ._openmp import effective_n_threads, zero_fill
 
 cdef enum:
     OP_ROI_POOL = 0
@@ -308,7 +308,8 @@ cdef Py_ssize_t pool_planes(const floating* X, floating* O, int32_t* AM, const S
 
 cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const int64_t* wt,
                           Py_ssize_t row, const int64_t* order, const int64_t* visit,
-                          const int64_t* img_start, int n_threads, bint backward) noexcept nogil:
+                          const int64_t* img_start, int n_threads, bint backward,
+                          bint assign=False) noexcept nogil:
     """ps_roi_pool on NCHW maps: one task per (image, bin, block of LANES output channels), which
     copies the planes that bin reads (PH * PW apart) to channels-last scratch. The forward
     (``maps``: the features, read only; ``outs``: the output) averages that bin of every box of
@@ -316,21 +317,25 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
     mean_window's order: the same bits). The gradient (``maps``: the feature gradient; ``outs``:
     the output gradient, read only) adds the bin's shares of the image's boxes, in box order, to
     the copy of its gradient planes and copies it back (spread_row's additions in its order).
-    Returns 0, or the bytes of per-thread scratch that could not be allocated."""
+    Returns 0, or the bytes of per-thread scratch that could not be allocated. ``assign`` (gradient): the
+    gradient holds anything and is written over, the copy starting from zero and streamed back
+    (no zero-fill before the call, no read of the gradient); an image with no box zeroes its
+    planes."""
     cdef Py_ssize_t Co = s.Co, PH = s.PH, PW = s.PW, H = s.H, W = s.W, bins = PH * PW
     cdef Py_ssize_t task, v, j
     cdef floating* scratch = NULL  # (assigned per thread in the parallel region)
+    cdef floating* staging = NULL
     cdef Scratch sc
     cdef PsTask b
     cdef size_t failed = 0
     with parallel(num_threads=n_threads):
-        sc = scratch_open(&failed, H * W * LANES * sizeof(floating), 0)
-        scratch = <floating*>sc.a
+        sc = scratch_open(&failed, H * W * LANES * sizeof(floating),
+                          STREAM_PIXELS * LANES * sizeof(floating) if assign else 0)
+        scratch, staging = <floating*>sc.a, <floating*>sc.b
         for task in prange(ps_tasks(s), schedule="dynamic"):
             b = ps_task(task, s, img_start, 0, img_start[s.N])
-            if not sc.ok or b.lo >= b.hi:
+            if not sc.ok or not ps_begin(&b, s, maps, scratch, assign):
                 continue  # (a failed scratch is reported after the parallel region)
-            ps_copy_in(maps, &b, s, scratch)
             for v in range(b.lo, b.hi):
                 j = v if backward else visited_at(visit, 0, v)  # (the gradient: box order)
                 if backward:
@@ -342,7 +347,7 @@ cdef Py_ssize_t ps_blocks(floating* maps, floating* outs, const Shape* s, const 
                                wt + j * row + 2 * PH + 2 * (b.q % PW), b.nb,
                                outs + (order[j] * Co + b.c0) * bins + b.q, bins)
             if backward:
-                ps_copy_back(scratch, &b, s, maps)
+                ps_copy_back(scratch, &b, s, maps, staging)
         scratch_close(&sc)
     return failed
 
@@ -465,8 +470,10 @@ cdef inline void scatter_box(const floating* plane, floating* gplane, Py_ssize_t
 
 def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1] x,
              floating[:, :, :, ::1] grad, const int64_t[:, ::1] win, const int64_t[::1] order,
-             const int64_t[::1] img_start, int op, bint channels_last, int n_threads):
-    """Add the feature gradient into ``grad`` (zeroed by the caller). ``x``: the features
+             const int64_t[::1] img_start, int op, bint channels_last, int n_threads,
+             bint assign=False):
+    """Add the feature gradient into ``grad`` (zeroed by the caller; with ``assign``, holding
+    anything: ps_roi_pool's block loops write it over, the other loops zero it first). ``x``: the features
     (roi_pool finds each bin's arg-max there); any array of their shape for ps_roi_pool. A task
     owns one plane (roi_pool), or the PW planes of one bin row of an output channel (ps_roi_pool:
     few enough for the gradient planes to stay in L2; the PH x PW planes of a channel measured
@@ -484,9 +491,11 @@ def backward(const floating[:, :, :, ::1] grad_out, const floating[:, :, :, ::1]
                                                 False):
         with nogil:
             failed = ps_blocks(GX, <floating*>G, &s, wt, row, &order[0], NULL, &img_start[0],
-                               n_threads, True)
+                               n_threads, True, assign)
         check_scratch(failed)
         return
+    if assign:
+        zero_fill(np.asarray(grad).reshape(-1).view(np.uint8), n_threads)
     for task in prange(s.N * groups, nogil=True, schedule="dynamic", num_threads=n_threads):
         n = task // groups
         g = task % groups
