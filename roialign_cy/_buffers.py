@@ -133,10 +133,19 @@ def host_array(shape, dtype, zeros=False):
         block = _fresh(nbytes + ALIGN, np.uint8, zeros)
     offset = -block.ctypes.data % ALIGN
     if reused and zeros:  # only the span the array covers (a block may be up to 1 / FIT larger)
-        from ._cpu import _openmp, effective_n_threads
-
-        _openmp.zero_fill(block[offset:offset + nbytes], effective_n_threads())
+        zero(block[offset:offset + nbytes])
     return np.asarray(_Lease(block, offset, shape, dtype))
+
+
+def zero(a):
+    """Zero-fill a C-contiguous array in place: a large one by the threads, each a contiguous
+    share (several threads fill memory faster than one)."""
+    if a.nbytes < MIN_BYTES:
+        a.fill(0)
+        return
+    from ._cpu import _openmp, effective_n_threads
+
+    _openmp.zero_fill(a.reshape(-1).view(np.uint8), effective_n_threads())
 
 
 def _fresh(shape, dtype, zeros):

@@ -174,11 +174,11 @@ class Plan:
             overwrite = getattr(self._be, "OVERWRITES_GRADIENTS", False)
             grad_features = v.allocate(xp, shape, self.dtype, "the feature gradient",
                                        zeros=not overwrite)
-            extra = dict(run, argmax=argmax) if argmax is not None else dict(run)
+            extra = {"argmax": argmax} if argmax is not None else {}
             if overwrite:
                 extra["overwrite"] = True
             self._be.backward_features(grad_output, features, self._rois, self._batch_idx,
-                                       grad_features, p, **extra)
+                                       grad_features, p, **run, **extra)
         if wrt in ("boxes", "both"):
             grad_rois = xp.zeros(self._rois.shape, self._rois.dtype)
             self._be.backward_boxes(grad_output, features, self._rois, self._batch_idx,

@@ -358,7 +358,7 @@ def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run
     """The feature gradient added into ``grad_features`` (zeroed by the caller), or with
     ``overwrite`` written over whatever it holds."""
     if argmax is not None:  # roi_pool, from the arg-max pixels of a forward
-        _, _, h, w = _shape(grad_features, p)
+        n, _, h, w = _shape(grad_features, p)
         if overwrite and (p.channels_last or grad_out.size == 0
                           or not _roi_pool.argmax_assigns(h, w, grad_features.itemsize)):
             _zero(grad_features)
@@ -368,7 +368,6 @@ def backward_features(grad_out, features, rois, batch_idx, grad_features, p, run
         bad = _roi_pool.backward_argmax(grad_out, argmax, grad_features, *run.where(),
                                         p.channels_last, n_threads, overwrite)
         if bad:
-            n, _, h, w = _shape(grad_features, p)
             raise ValueError(f"argmax holds {bad} entries outside [-1, H * W) = [-1, {h * w}): "
                              "pass the arg-max that roi_pool(..., return_argmax=True) returned "
                              "for these boxes and features")
@@ -382,16 +381,11 @@ OVERWRITES_GRADIENTS = True
 
 
 def _zero(*arrays):
-    """Zero-fill gradients handed over with ``overwrite`` that a loop only adds into: large ones
-    by the threads (their pages are faulted in in parallel, as _buffers does)."""
-    from .._buffers import MIN_BYTES
-    from ._openmp import zero_fill
+    """Zero-fill gradients handed over with ``overwrite`` that a loop only adds into."""
+    from .._buffers import zero
 
     for a in arrays:
-        if a.nbytes < MIN_BYTES:
-            a.fill(0)
-        else:
-            zero_fill(a.reshape(-1).view(np.uint8), effective_n_threads())
+        zero(a)
 
 
 def backward_features_levels(grad_out, maps, rois, batch_idx, level, scales, grads, p, run=None,

@@ -29,8 +29,9 @@ cdef extern from *:
        many values per feature pixel: one per sample (ps_roi_align) or window pixel (ps_roi_pool)
        and output channel. Measured by forcing each order, forwards and gradients, on
        (2, 490, 100, 152) and (1, 490, 50, 68) with 1-2000 boxes of 8-400 px
-       (benchmarks/README.md, "Cost model"): break-even about 0.2 for ps_roi_align (its R-FCN box head, 0.26: forward
-       16.3 -> 11.8 ms, gradient 23.7 -> 20.2 ms on 2 threads), 0.25 for ps_roi_pool's gradient
+       (benchmarks/README.md, "Cost model"): break-even about 0.2 for ps_roi_align (its R-FCN
+       box head, 0.26: forward 16.3 -> 11.8 ms, gradient 23.7 -> 20.2 ms on 2 threads), 0.25 for
+       ps_roi_pool's gradient
        (box head, 0.47-0.5: 11.6-12.5 -> 8.7-8.9 ms), and for ps_roi_pool's forward 0.5 on the
        larger map but past 0.5 on the smaller one (0.49: planes 1.1-1.3 ms, blocks 1.6), so 1. */
     /* The NCHW block loops write each output (box, LANES channels) with non-temporal stores when

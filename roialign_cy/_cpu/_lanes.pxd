@@ -393,7 +393,7 @@ cdef inline void deinterleave_bins(const floating* block, Py_ssize_t n_bins, Py_
                             floating* staging=NULL) noexcept nogil:
     """planes[c * plane_stride + i] = block[i * LANES + c] for the first n_planes lanes. With a
     ``staging`` buffer of n_bins x LANES and contiguous planes (plane_stride == n_bins), the
-    planes are laid out there and streamed to ``planes`` in order (stream_out)."""
+    planes are laid out there and streamed to ``planes`` in order (``stream``)."""
     cdef bint streamed = staging != NULL and plane_stride == n_bins
     cdef floating* dst = staging if streamed else planes
     if floating is float:
